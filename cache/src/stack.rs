@@ -1,0 +1,506 @@
+//! The stack itself: construction, the read/write/zero paths, and the
+//! movement of chunks between tiers (promotion, demotion cascade, spill,
+//! rescue).
+
+use crate::backing::Backing;
+use crate::cleaner::Wake;
+use crate::config::CacheConfig;
+use crate::error::CacheError;
+use crate::set::{Entry, Set, EMPTY};
+use crate::stripe::Stripes;
+use crate::tier::{Src, Tier};
+use crate::victim::Victim;
+use parking_lot::{Mutex, MutexGuard, RwLock};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// The tier list; guarded by the stack's `RwLock` (shared for I/O,
+/// exclusive for reconfiguration).
+pub(crate) struct Layout {
+    /// Top first. Never empty.
+    pub(crate) tiers: Vec<Tier>,
+}
+
+/// State owned by whoever holds the movement lock.
+///
+/// The victim repository lives here rather than beside the tier list: every
+/// access to it (spill, rescue, drain, lookup after a top-tier miss) is a
+/// movement anyway, so a separate lock would only add a lock-order rule.
+pub(crate) struct MoveState {
+    pub(crate) victim: Victim,
+    /// Staging buffer for the chunk being inserted at the head of a cascade.
+    pub(crate) incoming: Box<[u8]>,
+    /// Staging buffer for the chunk being displaced at each cascade step.
+    pub(crate) spare: Box<[u8]>,
+}
+
+/// What to do once the locks are released after a movement.
+#[derive(Clone, Copy, Default)]
+pub(crate) struct AfterMove {
+    /// Something spilled into the victim repository: wake the cleaner.
+    pub(crate) wake: bool,
+    /// The repository is over its soft capacity: drain some of it.
+    pub(crate) over: bool,
+}
+
+impl AfterMove {
+    pub(crate) fn of(victim: &mut Victim) -> AfterMove {
+        AfterMove {
+            wake: std::mem::take(&mut victim.spilled),
+            over: victim.over_capacity(),
+        }
+    }
+}
+
+/// A stacked, set-associative, write-back chunk cache in front of a
+/// [`Backing`] store. See the crate documentation for the design.
+///
+/// `Send + Sync`: share it as `Arc<CacheStack<B>>` between I/O threads.
+/// Dropping it discards dirty data that was never flushed: call
+/// [`flush`](Self::flush) first.
+pub struct CacheStack<B: Backing> {
+    pub(crate) chunk_size: usize,
+    pub(crate) victim_capacity: usize,
+    pub(crate) backing: Arc<B>,
+    /// Lock order: chunk stripe -> `layout` -> `movement` -> set locks.
+    pub(crate) layout: RwLock<Layout>,
+    pub(crate) movement: Mutex<MoveState>,
+    pub(crate) stripes: Stripes,
+    pub(crate) wake: Arc<Wake>,
+    pub(crate) fills: AtomicU64,
+    pub(crate) flushes: AtomicU64,
+    pub(crate) writebacks: AtomicU64,
+    pub(crate) victim_errors: AtomicU64,
+}
+
+/// One access, carried into the slow path.
+enum Access<'a> {
+    Read {
+        offset: usize,
+        buf: &'a mut [u8],
+    },
+    /// `dirty: false` is a write-through: the backing already holds these
+    /// bytes, so the entry keeps whatever dirty state it had.
+    Write {
+        offset: usize,
+        src: Src<'a>,
+        dirty: bool,
+    },
+}
+
+impl Access<'_> {
+    /// Serves the access from a whole-chunk buffer; a write also marks the
+    /// entry dirty and bumps its generation.
+    fn apply(&mut self, chunk_bytes: &mut [u8], e: &mut Entry) {
+        match self {
+            Access::Read { offset, buf } => {
+                let end = *offset + buf.len();
+                buf.copy_from_slice(&chunk_bytes[*offset..end]);
+            }
+            Access::Write { offset, src, dirty } => {
+                let end = *offset + src.len();
+                src.apply(&mut chunk_bytes[*offset..end]);
+                e.dirty |= *dirty;
+                e.gen = e.gen.wrapping_add(1);
+            }
+        }
+    }
+
+    /// Serves the access in place in a top-tier way.
+    fn apply_top(
+        &mut self,
+        tier: &Tier,
+        set: &mut Set,
+        set_idx: usize,
+        way: usize,
+    ) -> std::io::Result<()> {
+        let res = match self {
+            Access::Read { offset, buf } => tier.read_range(set, set_idx, way, *offset, buf),
+            Access::Write { offset, src, dirty } => {
+                let res = tier.write_range(set, set_idx, way, *offset, *src);
+                let e = &mut set.entries[way];
+                e.gen = e.gen.wrapping_add(1);
+                if res.is_ok() || *dirty || e.dirty {
+                    // Even a failed write may have changed some bytes of a
+                    // disk slot, so a write-back must count as modified.
+                    e.dirty |= *dirty;
+                } else {
+                    // A failed write-through into a clean slot: the backing
+                    // already has the bytes, so drop the half-written copy.
+                    set.vacate(way);
+                    return res;
+                }
+                res
+            }
+        };
+        set.touch(way);
+        set.hits += 1;
+        res
+    }
+
+    /// Whether a miss must read the backing first (anything but a
+    /// whole-chunk write).
+    fn needs_fill(&self, chunk_size: usize) -> bool {
+        !matches!(self, Access::Write { offset: 0, src, .. } if src.len() == chunk_size)
+    }
+}
+
+/// Finds `chunk` in the tiers: `(tier, set, way)`. Called under the
+/// movement lock, where tags can't change (only movements change tags), so
+/// the answer stays valid until the lock is released. `count_misses` records
+/// a miss in every lower tier searched without success.
+pub(crate) fn find_in_tiers(
+    tiers: &[Tier],
+    chunk: u64,
+    count_misses: bool,
+) -> Option<(usize, usize, usize)> {
+    for (t, tier) in tiers.iter().enumerate() {
+        let s = tier.group(chunk);
+        let mut set = tier.sets[s].lock();
+        if let Some(w) = set.find(chunk) {
+            return Some((t, s, w));
+        }
+        // The top tier's miss was already counted on the fast path.
+        if count_misses && t > 0 {
+            set.misses += 1;
+        }
+    }
+    None
+}
+
+/// Inserts `entry` (its bytes in `incoming`) into tier `start`, and pushes
+/// each displaced LRU chunk into the next tier down, placed there by that
+/// tier's own hash. What falls out of the bottom goes to the victim
+/// repository. The caller holds the movement lock and guarantees `entry`'s
+/// chunk is nowhere else in the stack.
+///
+/// A tier I/O error never loses a chunk: the chunk(s) in hand go to the
+/// (in-memory) victim repository instead and the error is counted.
+pub(crate) fn cascade(
+    tiers: &[Tier],
+    victim: &mut Victim,
+    incoming: &mut [u8],
+    spare: &mut [u8],
+    start: usize,
+    entry: Entry,
+) {
+    let mut cur_e = entry;
+    let mut cur: &mut [u8] = incoming;
+    let mut other: &mut [u8] = spare;
+    for (t, tier) in tiers.iter().enumerate().skip(start) {
+        if t > start {
+            tier.demotions.fetch_add(1, Ordering::Relaxed);
+        }
+        let s = tier.group(cur_e.tag);
+        let mut set = tier.sets[s].lock();
+        let way = set.replacement_way();
+        let old = set.entries[way];
+        if old.is_vacant() {
+            if tier.store(&mut set, s, way, cur).is_ok() {
+                set.place(way, cur_e);
+                return;
+            }
+            tier.note_io_error();
+            break;
+        }
+        // Displace the LRU chunk: its bytes go to `other`, ours take its way.
+        if tier.load(&set, s, way, other).is_err() {
+            // Nothing here changed; `cur` is still in hand.
+            tier.note_io_error();
+            break;
+        }
+        if tier.store(&mut set, s, way, cur).is_err() {
+            // The way's bytes are now unknown: both chunks leave this tier.
+            tier.note_io_error();
+            set.vacate(way);
+            tier.evictions.fetch_add(1, Ordering::Relaxed);
+            victim.push(old.tag, other, old.dirty, old.gen);
+            break;
+        }
+        set.place(way, cur_e);
+        tier.evictions.fetch_add(1, Ordering::Relaxed);
+        cur_e = old;
+        std::mem::swap(&mut cur, &mut other);
+    }
+    victim.push(cur_e.tag, cur, cur_e.dirty, cur_e.gen);
+}
+
+impl<B: Backing> CacheStack<B> {
+    /// Builds the stack (creating disk-tier files) after validating
+    /// `config`: chunk size a power of two in 512..=1 MiB, at least one
+    /// tier, every tier with at least one group and one way, no two disk
+    /// tiers on one path.
+    pub fn new(config: CacheConfig, backing: Arc<B>) -> Result<Self, CacheError> {
+        config.validate()?;
+        let cs = config.chunk_size;
+        let tiers = config
+            .tiers
+            .iter()
+            .map(|t| Tier::build(t, cs, None))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(CacheStack {
+            chunk_size: cs,
+            victim_capacity: config.victim_capacity,
+            backing,
+            layout: RwLock::new(Layout { tiers }),
+            movement: Mutex::new(MoveState {
+                victim: Victim::new(config.victim_capacity, cs),
+                incoming: vec![0u8; cs].into_boxed_slice(),
+                spare: vec![0u8; cs].into_boxed_slice(),
+            }),
+            stripes: Stripes::new(),
+            wake: Arc::new(Wake::new()),
+            fills: AtomicU64::new(0),
+            flushes: AtomicU64::new(0),
+            writebacks: AtomicU64::new(0),
+            victim_errors: AtomicU64::new(0),
+        })
+    }
+
+    /// Bytes per chunk.
+    pub fn chunk_size(&self) -> usize {
+        self.chunk_size
+    }
+
+    /// The backing store.
+    pub fn backing(&self) -> &Arc<B> {
+        &self.backing
+    }
+
+    /// Rejects ranges that leave the chunk, and the reserved chunk number.
+    pub(crate) fn check(&self, chunk: u64, offset: usize, len: usize) -> Result<(), CacheError> {
+        let fits = matches!(offset.checked_add(len), Some(end) if end <= self.chunk_size);
+        if chunk == EMPTY || !fits {
+            return Err(CacheError::OutOfRange {
+                chunk,
+                offset,
+                len,
+                chunk_size: self.chunk_size,
+            });
+        }
+        Ok(())
+    }
+
+    /// Read `buf.len()` bytes at byte `offset` within chunk `chunk` (offset+len <= chunk_size). Miss => fill from backing.
+    ///
+    /// Chunk number `u64::MAX` is reserved (it is the empty-entry tag) and
+    /// rejected with [`CacheError::OutOfRange`].
+    pub fn read(&self, chunk: u64, offset: usize, buf: &mut [u8]) -> Result<(), CacheError> {
+        self.check(chunk, offset, buf.len())?;
+        if buf.is_empty() {
+            return Ok(());
+        }
+        // Fast path: shared layout lock, one set lock, a copy. No allocation.
+        {
+            let layout = self.layout.read();
+            if let Some(top) = layout.tiers.first() {
+                let s = top.group(chunk);
+                let mut set = top.sets[s].lock();
+                if let Some(way) = set.find(chunk) {
+                    let res = top.read_range(&set, s, way, offset, buf);
+                    set.touch(way);
+                    set.hits += 1;
+                    return res.map_err(CacheError::from);
+                }
+                set.misses += 1;
+            }
+        }
+        self.slow(chunk, Access::Read { offset, buf }, false)
+    }
+
+    /// Write-back write: data lands in the cache, dirty. A partial write to a missing chunk fills it first (read-modify-write); a whole-chunk write does not read the backing.
+    pub fn write(&self, chunk: u64, offset: usize, data: &[u8]) -> Result<(), CacheError> {
+        self.check(chunk, offset, data.len())?;
+        if data.is_empty() {
+            return Ok(());
+        }
+        self.write_src(chunk, offset, Src::Data(data), true, false)
+    }
+
+    /// Zero a byte range within one chunk. A whole chunk: drop it from every tier/victim (dirty or not) and backing.zero_chunk. Partial: a write of zeros.
+    pub fn zero(&self, chunk: u64, offset: usize, len: usize) -> Result<(), CacheError> {
+        self.check(chunk, offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        if offset == 0 && len == self.chunk_size {
+            return self.zero_whole(chunk);
+        }
+        self.write_src(chunk, offset, Src::Zeros(len), true, false)
+    }
+
+    /// A write (of data or zeros): fast path on a top-tier hit, else the slow path.
+    /// `dirty: false` for a write-through; `stripe_held` when the caller
+    /// already holds the chunk's stripe lock (the slow path must not take it
+    /// again).
+    pub(crate) fn write_src(
+        &self,
+        chunk: u64,
+        offset: usize,
+        src: Src<'_>,
+        dirty: bool,
+        stripe_held: bool,
+    ) -> Result<(), CacheError> {
+        {
+            let layout = self.layout.read();
+            if let Some(top) = layout.tiers.first() {
+                let s = top.group(chunk);
+                let mut set = top.sets[s].lock();
+                if let Some(way) = set.find(chunk) {
+                    let mut access = Access::Write { offset, src, dirty };
+                    return access
+                        .apply_top(top, &mut set, s, way)
+                        .map_err(CacheError::from);
+                }
+                set.misses += 1;
+            }
+        }
+        self.slow(chunk, Access::Write { offset, src, dirty }, stripe_held)
+    }
+
+    /// Everything that isn't a top-tier hit: promotion from a lower tier,
+    /// rescue from the victim repository, or a miss (fill from the backing
+    /// and insert). Every insertion cascades demotions down the stack.
+    fn slow(
+        &self,
+        chunk: u64,
+        mut access: Access<'_>,
+        stripe_held: bool,
+    ) -> Result<(), CacheError> {
+        let needs_fill = access.needs_fill(self.chunk_size);
+        // Taken only once the chunk is known to be absent: a chunk that is
+        // cached somewhere can be promoted without touching the backing, so
+        // it needn't wait behind (say) a writeback on the same stripe.
+        let mut stripe: Option<MutexGuard<'_, ()>> = None;
+        let mut have_stripe = stripe_held;
+        let mut filled: Option<Box<[u8]>> = None;
+        let mut first = true;
+        let (result, after) = loop {
+            let layout = self.layout.read();
+            let mut guard = self.movement.lock();
+            let MoveState {
+                victim,
+                incoming,
+                spare,
+            } = &mut *guard;
+            let tiers = &layout.tiers[..];
+            let found = find_in_tiers(tiers, chunk, first);
+            first = false;
+            let res = match found {
+                // Someone promoted or inserted it since our fast-path miss.
+                Some((0, s, w)) => {
+                    let top = &tiers[0];
+                    let mut set = top.sets[s].lock();
+                    access
+                        .apply_top(top, &mut set, s, w)
+                        .map_err(CacheError::from)
+                }
+                // Promotion: take it out of tier t, serve the access from the
+                // staging copy, insert at the top (cascading demotions).
+                Some((t, s, w)) => {
+                    let tier = &tiers[t];
+                    let mut set = tier.sets[s].lock();
+                    let mut e = set.entries[w];
+                    match tier.load(&set, s, w, incoming) {
+                        Err(err) => {
+                            // Left where it was; the caller sees the error.
+                            tier.note_io_error();
+                            Err(CacheError::from(err))
+                        }
+                        Ok(()) => {
+                            set.vacate(w);
+                            set.hits += 1;
+                            drop(set);
+                            tier.promotions.fetch_add(1, Ordering::Relaxed);
+                            access.apply(incoming, &mut e);
+                            cascade(tiers, victim, incoming, spare, 0, e);
+                            Ok(())
+                        }
+                    }
+                }
+                None => match victim.take(chunk) {
+                    // Rescue: the repository's buffer becomes the staging
+                    // buffer (no copy) and the old staging buffer is recycled.
+                    Some(mut ve) => {
+                        std::mem::swap(incoming, &mut ve.data);
+                        victim.recycle(ve.data);
+                        victim.rescues += 1;
+                        let mut e = Entry::new(chunk, ve.dirty, ve.gen);
+                        access.apply(incoming, &mut e);
+                        cascade(tiers, victim, incoming, spare, 0, e);
+                        Ok(())
+                    }
+                    None => {
+                        if !have_stripe {
+                            // Lock order is stripe before layout/movement:
+                            // let go, take the stripe, look again.
+                            drop(guard);
+                            drop(layout);
+                            stripe = Some(self.stripes.of(chunk).lock());
+                            have_stripe = true;
+                            continue;
+                        }
+                        if needs_fill && filled.is_none() {
+                            // With the stripe held the chunk can't be
+                            // inserted, written back or zeroed by anyone
+                            // else, so the backing's bytes stay current
+                            // while we read them without the movement lock.
+                            let mut buf = victim.take_buf();
+                            drop(guard);
+                            drop(layout);
+                            self.backing.read_chunk(chunk, &mut buf)?;
+                            self.fills.fetch_add(1, Ordering::Relaxed);
+                            filled = Some(buf);
+                            continue;
+                        }
+                        let mut e = Entry::new(chunk, false, 0);
+                        if let Some(mut buf) = filled.take() {
+                            std::mem::swap(incoming, &mut buf);
+                            victim.recycle(buf);
+                        }
+                        // A whole-chunk write overwrites every staging byte.
+                        access.apply(incoming, &mut e);
+                        cascade(tiers, victim, incoming, spare, 0, e);
+                        Ok(())
+                    }
+                },
+            };
+            break (res, AfterMove::of(victim));
+        };
+        drop(stripe);
+        self.after_move(after);
+        result
+    }
+
+    /// Follow-up once all locks are released: wake the cleaner for new
+    /// victims; if the repository is over capacity, drain some of it here
+    /// (without blocking on other chunks' locks).
+    pub(crate) fn after_move(&self, after: AfterMove) {
+        if after.wake {
+            self.wake.notify();
+        }
+        if after.over {
+            self.relieve_pressure();
+        }
+    }
+
+    /// Whole-chunk zero: discard in the backing, then drop every cached copy.
+    fn zero_whole(&self, chunk: u64) -> Result<(), CacheError> {
+        let _stripe = self.stripes.of(chunk).lock();
+        // Backing first: if the discard fails the cache still holds the last
+        // written data, so nothing acknowledged is lost. While we hold the
+        // stripe nobody can fill, insert or write back this chunk; a
+        // concurrent top-tier write hit may land meanwhile and is then
+        // superseded by this zero, a valid order for overlapping requests.
+        self.backing.zero_chunk(chunk)?;
+        let layout = self.layout.read();
+        let mut mv = self.movement.lock();
+        match find_in_tiers(&layout.tiers, chunk, false) {
+            Some((t, s, w)) => layout.tiers[t].sets[s].lock().vacate(w),
+            None => {
+                mv.victim.discard(chunk);
+            }
+        }
+        Ok(())
+    }
+}

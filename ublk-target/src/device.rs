@@ -1,0 +1,344 @@
+//! The ublk daemon: creates (or recovers) `/dev/ublkbN`, serves its queues
+//! from the [`Volume`], and shuts down cleanly on SIGINT/SIGTERM.
+//!
+//! Threads: libublk runs one thread per queue; each serves its requests
+//! synchronously (cache hits never leave that thread). Beside them run the
+//! cache cleaner, the control socket, and a signal thread. Signals are
+//! blocked in every thread but the signal thread, so a SIGTERM can never
+//! interrupt a queue mid-request.
+
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use canopy_cache::CacheStack;
+use libublk::ctrl::{UblkCtrl, UblkCtrlBuilder};
+use libublk::io::{BufDescList, UblkDev, UblkIOCtx, UblkQueue};
+use libublk::{BufDesc, UblkFlags, UblkIORes};
+use nix::sys::signal::{SigSet, Signal};
+
+use crate::control::{self, ControlServer};
+use crate::origin::OriginStore;
+use crate::spec::VolumeSpec;
+use crate::volume::{Op, Volume};
+
+/// Largest request the kernel sends us (libublk's default buffer size).
+const IO_BUF_BYTES: u32 = 512 << 10;
+
+/// How the daemon should come up.
+pub struct ServeOptions {
+    /// What to serve.
+    pub spec: VolumeSpec,
+    /// Device id to ask for (`None`: let the driver choose).
+    pub id: Option<u32>,
+    /// Hardware queues.
+    pub queues: u16,
+    /// Requests in flight per queue.
+    pub depth: u16,
+    /// Re-attach to a device whose daemon died instead of adding one.
+    pub recover: bool,
+}
+
+/// Check what the kernel side needs before touching anything, so each
+/// missing piece gets its own one-line explanation.
+pub fn preflight() -> Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("canopy-ublk must run as root to create ublk devices");
+    }
+    if !std::path::Path::new("/dev/ublk-control").exists() {
+        bail!(
+            "the ublk driver is not loaded (/dev/ublk-control is missing): \
+             run `modprobe ublk_drv` (needs Linux 6.0+ with CONFIG_BLK_DEV_UBLK)"
+        );
+    }
+    Ok(())
+}
+
+/// Put the daemon in its own mount namespace with private propagation.
+///
+/// A daemon that shares a mount namespace with a filesystem mounted on its
+/// own device can deadlock on exit (libublk-rs issue 50): the exit path
+/// may flush that filesystem, which needs the daemon. Must run before any
+/// thread is spawned, since unshare affects only the calling thread.
+pub fn isolate_mount_namespace() {
+    use nix::mount::{mount, MsFlags};
+    use nix::sched::{unshare, CloneFlags};
+    if let Err(e) = unshare(CloneFlags::CLONE_NEWNS) {
+        tracing::warn!(error = %e, "could not unshare the mount namespace");
+        return;
+    }
+    if let Err(e) = mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    ) {
+        tracing::warn!(error = %e, "could not make mounts private in the daemon's namespace");
+    }
+}
+
+/// Serve a volume until it is stopped. Returns after the device is removed
+/// (clean stop) with every dirty chunk written back to the origin.
+pub fn serve(opts: ServeOptions) -> Result<()> {
+    preflight()?;
+    // Block the stop signals before any thread exists (the cache cleaner,
+    // libublk's queues): threads inherit the mask, so only the signal thread
+    // will ever take them, and never in the middle of a request.
+    let mut stop_signals = SigSet::empty();
+    stop_signals.add(Signal::SIGINT);
+    stop_signals.add(Signal::SIGTERM);
+    stop_signals
+        .thread_block()
+        .context("blocking SIGINT/SIGTERM")?;
+    let spec = opts.spec.clone();
+    let origin = OriginStore::open(&spec.origin, None, spec.cache.chunk_size)?;
+    let size = origin.size();
+    let cache = Arc::new(
+        CacheStack::new(spec.cache.clone(), Arc::new(origin)).context("building the cache")?,
+    );
+    let _cleaner = cache.spawn_cleaner(Duration::from_millis(50));
+    let volume = Arc::new(Volume::new(cache, spec.mode));
+
+    // USER_RECOVERY keeps /dev/ublkbN alive when the daemon dies, so
+    // `recover` can re-attach. REISSUE replays the requests that were in
+    // flight at the crash instead of failing them: safe because every canopy
+    // request is idempotent (a read, or a write of the same bytes).
+    let flags = libublk::sys::UBLK_F_USER_RECOVERY | libublk::sys::UBLK_F_USER_RECOVERY_REISSUE;
+    let dev_flags = if opts.recover {
+        UblkFlags::UBLK_DEV_F_RECOVER_DEV
+    } else {
+        UblkFlags::UBLK_DEV_F_ADD_DEV
+    };
+    let id = opts.id.map(|i| i as i32).unwrap_or(-1);
+    let ctrl = Arc::new(
+        UblkCtrlBuilder::default()
+            .name("canopy")
+            .id(id)
+            .nr_queues(opts.queues)
+            .depth(opts.depth)
+            .io_buf_bytes(IO_BUF_BYTES)
+            .ctrl_flags(flags as u64)
+            .dev_flags(dev_flags)
+            .build()
+            .map_err(|e| anyhow::anyhow!("creating the ublk device: {e}"))?,
+    );
+    if opts.recover {
+        ctrl.start_user_recover()
+            .map_err(|e| anyhow::anyhow!("starting user recovery of device {id}: {e}"))?;
+    }
+    let dev_id = ctrl.dev_info().dev_id;
+    let bdev = format!("/dev/ublkb{dev_id}");
+
+    let (server, listener) = ControlServer::bind(dev_id).context("binding the control socket")?;
+    let stopper = {
+        let volume = volume.clone();
+        let ctrl = ctrl.clone();
+        move || stop_device(&volume, &ctrl)
+    };
+    control::ControlServer::spawn(listener, volume.clone(), bdev.clone(), stopper.clone())
+        .context("starting the control thread")?;
+    std::thread::Builder::new()
+        .name("canopy-signals".into())
+        .spawn(move || {
+            if let Ok(sig) = stop_signals.wait() {
+                tracing::info!(signal = ?sig, "stopping");
+                stopper();
+            }
+        })
+        .context("starting the signal thread")?;
+
+    let spec_json = serde_json::to_value(&spec)?;
+    let tgt_init = move |dev: &mut UblkDev| {
+        dev.set_default_params(size);
+        let p = &mut dev.tgt.params;
+        // The cache is volatile until FLUSH, and FUA is honoured per write:
+        // telling the kernel both makes filesystems order their journals
+        // correctly instead of assuming every write is already stable.
+        p.basic.attrs = libublk::sys::UBLK_ATTR_VOLATILE_CACHE | libublk::sys::UBLK_ATTR_FUA;
+        p.types |= libublk::sys::UBLK_PARAM_TYPE_DISCARD;
+        p.discard.discard_granularity = 4096;
+        p.discard.max_discard_sectors = u32::MAX >> 9;
+        p.discard.max_write_zeroes_sectors = u32::MAX >> 9;
+        p.discard.max_discard_segments = 1;
+        dev.set_target_json(spec_json);
+        Ok(())
+    };
+    let q_volume = volume.clone();
+    let q_fn = move |qid: u16, dev: &UblkDev| serve_queue(qid, dev, &q_volume);
+    let announce = bdev.clone();
+    let started = move |_: &UblkCtrl| {
+        // The one line on stdout: scripts read the device path from it.
+        println!("{announce}");
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        tracing::info!(device = %announce, "serving");
+    };
+    ctrl.run_target(tgt_init, q_fn, started)
+        .map_err(|e| anyhow::anyhow!("running the ublk device: {e}"))?;
+
+    // The queues are gone. Write back what is still dirty before the device
+    // (and the only other copy of that data) goes away.
+    volume
+        .cache()
+        .flush()
+        .context("final flush to the origin")?;
+    if let Err(e) = ctrl.del_dev() {
+        tracing::debug!(error = %e, "device already removed");
+    }
+    drop(server);
+    tracing::info!(device = %bdev, "stopped; origin is up to date");
+    Ok(())
+}
+
+/// Flush, then stop the device: the queue threads see the abort and exit,
+/// which makes `run_target` return in [`serve`].
+fn stop_device(volume: &Volume, ctrl: &UblkCtrl) {
+    if let Err(e) = volume.cache().flush() {
+        tracing::error!(error = %e, "flush before stop failed; will retry after the queues stop");
+    }
+    // libublk sends control commands through a per-thread io_uring; this
+    // thread (signal or control) has none until it makes one.
+    let ring = libublk::ctrl::ublk_init_ctrl_task_ring(|ring| {
+        if ring.is_none() {
+            *ring = Some(
+                io_uring::IoUring::<io_uring::squeue::Entry128>::builder()
+                    .build(16)
+                    .map_err(libublk::UblkError::IOError)?,
+            );
+        }
+        Ok(())
+    });
+    if let Err(e) = ring {
+        tracing::error!(error = %e, "cannot create a control ring to stop the device");
+        return;
+    }
+    if let Err(e) = ctrl.kill_dev() {
+        tracing::error!(error = %e, "stopping the device failed");
+    }
+}
+
+/// One queue thread: fetch requests, serve each from the volume, commit.
+fn serve_queue(qid: u16, dev: &UblkDev, volume: &Arc<Volume>) {
+    let bufs = Rc::new(dev.alloc_queue_io_bufs());
+    let handler_bufs = bufs.clone();
+    let volume = volume.clone();
+    let handler = move |q: &UblkQueue, tag: u16, _io: &UblkIOCtx| {
+        let iod = q.get_iod(tag);
+        let op = Op::from_ublk(iod.op_flags);
+        let offset = iod.start_sector << 9;
+        let len = (iod.nr_sectors as usize) << 9;
+        let Some(buf) = handler_bufs.get(tag as usize) else {
+            return;
+        };
+        // SAFETY: each tag owns its buffer, and the kernel hands a tag to
+        // this thread only once at a time, so nothing else touches these
+        // bytes until we commit the result below.
+        let data = unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr(), buf.len()) };
+        let res = volume.handle(op, offset, len, data);
+        if let Err(e) = q.complete_io_cmd_unified(
+            tag,
+            BufDesc::Slice(buf.as_slice()),
+            Ok(UblkIORes::Result(res)),
+        ) {
+            tracing::error!(qid, tag, error = %e, "committing a request failed");
+        }
+    };
+    let queue = match UblkQueue::new(qid, dev)
+        .and_then(|q| q.submit_fetch_commands_unified(BufDescList::Slices(Some(&bufs))))
+    {
+        Ok(q) => q,
+        Err(e) => {
+            tracing::error!(qid, error = %e, "setting up the queue failed");
+            return;
+        }
+    };
+    queue.wait_and_handle_io(handler);
+}
+
+/// Read the spec a canopy daemon stored for device `id` (for `recover` and
+/// `list`), or explain why there is none.
+pub fn stored_spec(id: u32) -> Result<VolumeSpec> {
+    let ctrl =
+        UblkCtrl::new_simple(id as i32).map_err(|e| anyhow::anyhow!("no ublk device {id}: {e}"))?;
+    let data = ctrl.get_target_data_from_json().with_context(|| {
+        format!(
+            "device {id} has no saved target data in {}",
+            UblkCtrl::run_dir()
+        )
+    })?;
+    let spec: VolumeSpec = serde_json::from_value(data)
+        .with_context(|| format!("device {id} was not created by canopy-ublk"))?;
+    Ok(spec)
+}
+
+/// Hardware queues and depth of an existing device.
+pub fn queue_geometry(id: u32) -> Result<(u16, u16)> {
+    let ctrl =
+        UblkCtrl::new_simple(id as i32).map_err(|e| anyhow::anyhow!("no ublk device {id}: {e}"))?;
+    let info = ctrl.dev_info();
+    Ok((info.nr_hw_queues, info.queue_depth))
+}
+
+/// One row of `canopy-ublk list`.
+pub struct DeviceInfo {
+    /// Device id.
+    pub id: u32,
+    /// Kernel state (LIVE, QUIESCED, ...).
+    pub state: &'static str,
+    /// The spec, when the device is canopy's.
+    pub spec: Option<VolumeSpec>,
+}
+
+/// Every ublk device on the host.
+pub fn list_devices() -> Vec<DeviceInfo> {
+    let found = Rc::new(std::cell::RefCell::new(Vec::new()));
+    let sink = found.clone();
+    UblkCtrl::for_each_dev_id(move |id| sink.borrow_mut().push(id));
+    let mut ids = found.take();
+    ids.sort_unstable();
+    ids.into_iter()
+        .map(|id| {
+            let state = UblkCtrl::new_simple(id as i32)
+                .map(|c| match c.dev_info().state as u32 {
+                    libublk::sys::UBLK_S_DEV_LIVE => "live",
+                    libublk::sys::UBLK_S_DEV_QUIESCED => "quiesced",
+                    libublk::sys::UBLK_S_DEV_DEAD => "dead",
+                    _ => "unknown",
+                })
+                .unwrap_or("unknown");
+            DeviceInfo {
+                id,
+                state,
+                spec: stored_spec(id).ok(),
+            }
+        })
+        .collect()
+}
+
+/// Remove device `id`: ask its daemon to flush and stop; when no daemon
+/// answers (it was killed), delete the device directly.
+pub fn delete(id: u32) -> Result<()> {
+    preflight()?;
+    match control::call(id, &control::Request::Shutdown) {
+        Ok(_) => {
+            // Wait (bounded) for the daemon to remove the device.
+            for _ in 0..600 {
+                if !std::path::Path::new(&format!("/dev/ublkc{id}")).exists() {
+                    return Ok(());
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            bail!("device {id} did not go away within 60 s after shutdown was requested");
+        }
+        Err(control::ControlError::NotRunning { .. }) => {
+            let ctrl = UblkCtrl::new_simple(id as i32)
+                .map_err(|e| anyhow::anyhow!("no ublk device {id}: {e}"))?;
+            ctrl.del_dev()
+                .map_err(|e| anyhow::anyhow!("deleting device {id}: {e}"))?;
+            Ok(())
+        }
+        Err(e) => Err(e.into()),
+    }
+}

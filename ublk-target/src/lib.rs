@@ -1,0 +1,20 @@
+//! canopy's local block device: `/dev/ublkbN` served through libublk from
+//! canopy's stacked cache over a standalone origin (the seed's "Driver"
+//! node, in its embedded single-node form).
+//!
+//! Layout:
+//! - [`origin`]: the authoritative store (file or block device, O_DIRECT).
+//! - [`volume`]: block requests mapped onto cache chunks; no ublk in it, so
+//!   it is tested on hosts without the driver.
+//! - [`spec`]: what a volume is made of, saved for `recover`.
+//! - [`device`]: the libublk daemon (queues, signals, recovery).
+//! - [`control`]: the control socket for stats and live reconfiguration.
+//! - [`size`]: size strings on the command line.
+#![warn(missing_docs)]
+
+pub mod control;
+pub mod device;
+pub mod origin;
+pub mod size;
+pub mod spec;
+pub mod volume;

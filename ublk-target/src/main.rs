@@ -1,0 +1,451 @@
+//! `canopy-ublk`: serve a canopy volume as a local block device.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use canopy_cache::{HashKind, Medium};
+use canopy_ublk::control::{self, CacheChange, Reply, Report, Request};
+use canopy_ublk::device::{self, ServeOptions};
+use canopy_ublk::origin::{check_chunk_size, OriginStore};
+use canopy_ublk::size::ByteSize;
+use canopy_ublk::spec::{cache_layout, VolumeSpec, SPEC_VERSION};
+use canopy_ublk::volume::CacheMode;
+use clap::{Args, Parser, Subcommand};
+
+/// Serve a canopy volume as /dev/ublkbN through the Linux ublk driver.
+///
+/// The volume's authoritative copy (the origin) is a local file or block
+/// device; reads and writes go through canopy's stacked cache (a memory
+/// tier, optional disk tiers, and a victim repository). Needs root and the
+/// ublk_drv kernel module.
+#[derive(Parser, Debug)]
+#[command(name = "canopy-ublk", version, propagate_version = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Create /dev/ublkbN for a volume and serve it in the foreground.
+    ///
+    /// Prints the device path on stdout once the device is live. SIGINT or
+    /// SIGTERM writes every dirty chunk back to the origin, removes the
+    /// device and exits 0. If the daemon is killed instead, the device
+    /// stays and `canopy-ublk recover --id N` re-attaches to it.
+    Add(AddArgs),
+    /// Re-attach to a device whose daemon died (user recovery).
+    ///
+    /// Reuses the origin, cache and write mode saved when the device was
+    /// added. Requests the kernel held while no daemon ran are served once
+    /// recovery completes. Everything acknowledged by a FLUSH is on the
+    /// origin; in writethrough mode every acknowledged write is.
+    Recover {
+        /// Device id (the N of /dev/ublkbN).
+        #[arg(long)]
+        id: u32,
+    },
+    /// List ublk devices, with the origin of those canopy serves.
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop and remove a device: flush through its daemon, or delete it
+    /// directly when its daemon is gone.
+    Del {
+        /// Device id (the N of /dev/ublkbN).
+        #[arg(long)]
+        id: u32,
+    },
+    /// Show the running daemon's per-tier cache statistics.
+    Stats {
+        /// Device id (the N of /dev/ublkbN).
+        #[arg(long)]
+        id: u32,
+        /// Print JSON (for scripts) instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Change the cache stack of a running device, while I/O continues.
+    ///
+    /// No dirty data is lost: chunks of a removed or shrunk tier cascade to
+    /// the tiers below and the victim repository, which writes them back.
+    Cache {
+        /// Device id (the N of /dev/ublkbN).
+        #[arg(long)]
+        id: u32,
+        /// Print the resulting statistics as JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(subcommand)]
+        change: CacheCmd,
+    },
+}
+
+#[derive(Args, Debug)]
+struct AddArgs {
+    /// The origin: a file or block device holding the volume.
+    #[arg(long, value_name = "FILE")]
+    origin: PathBuf,
+    /// Create the origin file with this size (a multiple of 512; suffixes
+    /// K, M, G, T). Without it the origin must exist and its size is used.
+    #[arg(long, value_name = "SIZE")]
+    size: Option<ByteSize>,
+    /// Chunk size: the unit the cache and (later) the network move. A power
+    /// of two from 4K to 1M.
+    #[arg(long, value_name = "SIZE", default_value = "64K")]
+    chunk_size: ByteSize,
+    /// Memory tier capacity (0 for none).
+    #[arg(long, value_name = "SIZE", default_value = "64M")]
+    cache_mem: ByteSize,
+    /// A disk tier: a cache file and its capacity. Repeat for more tiers;
+    /// they stack below the memory tier in the order given.
+    #[arg(long, value_name = "PATH:SIZE", value_parser = parse_disk_tier)]
+    cache_disk: Vec<(PathBuf, ByteSize)>,
+    /// When writes are acknowledged.
+    #[arg(long, value_enum, default_value_t = CacheMode::Writethrough)]
+    cache_mode: CacheMode,
+    /// Hardware queues (one serving thread each).
+    #[arg(long, value_name = "N", default_value_t = 2,
+          value_parser = clap::value_parser!(u16).range(1..=64))]
+    queues: u16,
+    /// Requests in flight per queue.
+    #[arg(long, value_name = "D", default_value_t = 64,
+          value_parser = clap::value_parser!(u16).range(1..=4096))]
+    depth: u16,
+    /// Ask for this device id (default: the driver picks one).
+    #[arg(long, value_name = "N")]
+    id: Option<u32>,
+}
+
+#[derive(Subcommand, Debug)]
+enum CacheCmd {
+    /// Insert a tier.
+    AddTier {
+        /// Position in the stack (0 = top; default: bottom).
+        #[arg(long)]
+        index: Option<usize>,
+        /// A memory tier of this capacity.
+        #[arg(
+            long,
+            value_name = "SIZE",
+            conflicts_with = "disk",
+            required_unless_present = "disk"
+        )]
+        memory: Option<ByteSize>,
+        /// A disk tier: cache file and capacity.
+        #[arg(long, value_name = "PATH:SIZE", value_parser = parse_disk_tier)]
+        disk: Option<(PathBuf, ByteSize)>,
+        /// Hash choosing the set: `modulo` (low-order bits) or `mix[:KEY]`.
+        #[arg(long, value_parser = parse_hash, default_value = "mix")]
+        hash: HashKind,
+    },
+    /// Remove a tier; its chunks move down the stack.
+    RemoveTier {
+        /// Position in the stack (0 = top).
+        #[arg(long)]
+        index: usize,
+    },
+    /// Change a tier's hash function; its chunks are re-placed.
+    Rehash {
+        /// Position in the stack (0 = top).
+        #[arg(long)]
+        index: usize,
+        /// `modulo` (low-order bits) or `mix[:KEY]` (keyed mixing).
+        #[arg(long, value_parser = parse_hash)]
+        hash: HashKind,
+    },
+    /// Change a tier's capacity.
+    Resize {
+        /// Position in the stack (0 = top).
+        #[arg(long)]
+        index: usize,
+        /// New capacity.
+        #[arg(long, value_name = "SIZE")]
+        size: ByteSize,
+    },
+}
+
+fn parse_disk_tier(s: &str) -> Result<(PathBuf, ByteSize), String> {
+    let (path, size) = s
+        .rsplit_once(':')
+        .ok_or_else(|| format!("'{s}' is not PATH:SIZE"))?;
+    if path.is_empty() {
+        return Err(format!("'{s}' has no path before ':'"));
+    }
+    let size: ByteSize = size.parse().map_err(|e| format!("{e}"))?;
+    Ok((PathBuf::from(path), size))
+}
+
+fn parse_hash(s: &str) -> Result<HashKind, String> {
+    match s.split_once(':') {
+        None if s == "modulo" => Ok(HashKind::Modulo),
+        None if s == "mix" => Ok(HashKind::Mix {
+            key: canopy_ublk::spec::DEFAULT_MIX_KEY,
+        }),
+        Some(("mix", key)) => {
+            let key = match key.strip_prefix("0x") {
+                Some(hex) => u64::from_str_radix(hex, 16),
+                None => key.parse(),
+            }
+            .map_err(|_| format!("'{key}' is not a 64-bit key"))?;
+            Ok(HashKind::Mix { key })
+        }
+        _ => Err(format!("'{s}' is not a hash: use modulo, mix or mix:KEY")),
+    }
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line: the chain of causes, most general first.
+            eprintln!("canopy-ublk: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Add(a) => add(a),
+        Command::Recover { id } => {
+            device::preflight()?;
+            let spec = device::stored_spec(id)?;
+            // The device keeps its queue geometry across the crash; libublk
+            // sizes its per-queue tables from what we pass, so it must match.
+            let (queues, depth) = device::queue_geometry(id)?;
+            device::isolate_mount_namespace();
+            device::serve(ServeOptions {
+                spec,
+                id: Some(id),
+                queues,
+                depth,
+                recover: true,
+            })
+        }
+        Command::List { json } => list(json),
+        Command::Del { id } => device::delete(id),
+        Command::Stats { id, json } => {
+            let report = expect_report(control::call(id, &Request::Stats)?)?;
+            print_report(&report, json)
+        }
+        Command::Cache { id, json, change } => {
+            let change = match change {
+                CacheCmd::AddTier {
+                    index,
+                    memory,
+                    disk,
+                    hash,
+                } => {
+                    let (medium, size) = match (memory, disk) {
+                        (Some(size), None) => (Medium::Memory, size),
+                        (None, Some((path, size))) => (Medium::Disk { path }, size),
+                        _ => bail!("give exactly one of --memory or --disk"),
+                    };
+                    let index = match index {
+                        Some(i) => i,
+                        None => expect_report(control::call(id, &Request::Stats)?)?
+                            .cache
+                            .tiers
+                            .len(),
+                    };
+                    CacheChange::AddTier {
+                        index,
+                        medium,
+                        size: size.0,
+                        hash,
+                    }
+                }
+                CacheCmd::RemoveTier { index } => CacheChange::RemoveTier { index },
+                CacheCmd::Rehash { index, hash } => CacheChange::Rehash { index, hash },
+                CacheCmd::Resize { index, size } => CacheChange::Resize {
+                    index,
+                    size: size.0,
+                },
+            };
+            let report = expect_report(control::call(id, &Request::Cache { change })?)?;
+            print_report(&report, json)
+        }
+    }
+}
+
+fn add(a: AddArgs) -> Result<()> {
+    let chunk_size = usize::try_from(a.chunk_size.0).unwrap_or(usize::MAX);
+    check_chunk_size(chunk_size)?;
+    // Validate everything a user can get wrong before asking the kernel for
+    // a device, so a typo never leaves a half-made /dev/ublkbN behind.
+    let disks: Vec<(PathBuf, u64)> = a.cache_disk.iter().map(|(p, s)| (p.clone(), s.0)).collect();
+    let cache = cache_layout(chunk_size, a.cache_mem.0, &disks)?;
+    device::preflight()?;
+    // Creating (or sizing) the origin up front reports its errors now; the
+    // daemon reopens it with the same checks.
+    let origin = OriginStore::open(&a.origin, a.size.map(|s| s.0), chunk_size)?;
+    drop(origin);
+    let origin_path = std::fs::canonicalize(&a.origin)
+        .with_context(|| format!("resolving {}", a.origin.display()))?;
+    device::isolate_mount_namespace();
+    device::serve(ServeOptions {
+        spec: VolumeSpec {
+            canopy: SPEC_VERSION,
+            origin: origin_path,
+            mode: a.cache_mode,
+            cache,
+        },
+        id: a.id,
+        queues: a.queues,
+        depth: a.depth,
+        recover: false,
+    })
+}
+
+fn list(json: bool) -> Result<()> {
+    let devices = device::list_devices();
+    if json {
+        let rows: Vec<_> = devices
+            .iter()
+            .map(|d| {
+                serde_json::json!({
+                    "id": d.id,
+                    "device": format!("/dev/ublkb{}", d.id),
+                    "state": d.state,
+                    "spec": d.spec,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(());
+    }
+    if devices.is_empty() {
+        println!("no ublk devices");
+        return Ok(());
+    }
+    println!(
+        "{:<4} {:<14} {:<9} {:<13} origin",
+        "id", "device", "state", "mode"
+    );
+    for d in devices {
+        let (mode, origin) = match &d.spec {
+            Some(s) => (
+                format!("{:?}", s.mode).to_lowercase(),
+                s.origin.display().to_string(),
+            ),
+            None => ("-".into(), "(not canopy)".into()),
+        };
+        println!(
+            "{:<4} {:<14} {:<9} {:<13} {}",
+            d.id,
+            format!("/dev/ublkb{}", d.id),
+            d.state,
+            mode,
+            origin
+        );
+    }
+    Ok(())
+}
+
+fn expect_report(reply: Reply) -> Result<Report> {
+    match reply {
+        Reply::Ok { report } => Ok(*report),
+        Reply::Error { message } => bail!("{message}"),
+    }
+}
+
+fn print_report(r: &Report, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(r)?);
+        return Ok(());
+    }
+    let c = &r.cache;
+    println!(
+        "{}  mode {}  size {}  chunk {}  io errors {}",
+        r.device,
+        format!("{:?}", r.mode).to_lowercase(),
+        ByteSize(r.size),
+        ByteSize(c.chunk_size as u64),
+        r.io_errors
+    );
+    println!(
+        "{:<4} {:<7} {:>12} {:<22} {:>12} {:>7} {:>10} {:>10} {:>10} {:>10} {:>10}",
+        "tier",
+        "medium",
+        "sets x ways",
+        "hash",
+        "used/slots",
+        "dirty",
+        "hits",
+        "misses",
+        "promoted",
+        "demoted",
+        "evicted"
+    );
+    for t in &c.tiers {
+        println!(
+            "{:<4} {:<7} {:>12} {:<22} {:>12} {:>7} {:>10} {:>10} {:>10} {:>10} {:>10}",
+            t.index,
+            t.medium,
+            format!("{}x{}", t.groups, t.ways),
+            t.hash,
+            format!("{}/{}", t.occupied, t.groups * t.ways),
+            t.dirty,
+            t.hits,
+            t.misses,
+            t.promotions,
+            t.demotions,
+            t.evictions
+        );
+    }
+    let v = &c.victim;
+    println!(
+        "victim {}/{} (dirty {})  spills {}  rescues {}  drains {}  writebacks {}  drops {}  errors {}",
+        v.len, v.capacity, v.dirty, v.spills, v.rescues, v.drains, v.writebacks, v.drops, v.errors
+    );
+    let o = &r.origin;
+    println!(
+        "origin {}  {}  fills {}  writes {}  syncs {}  zeroed chunks {}",
+        o.path.display(),
+        if o.direct { "O_DIRECT" } else { "buffered" },
+        o.reads,
+        o.writes,
+        o.syncs,
+        o.zeroes
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn parses_disk_tiers_and_hashes() {
+        assert_eq!(
+            parse_disk_tier("/var/cache/c1:1G"),
+            Ok((PathBuf::from("/var/cache/c1"), ByteSize(1 << 30)))
+        );
+        assert!(parse_disk_tier("nosize").is_err());
+        assert!(parse_disk_tier(":1G").is_err());
+        assert_eq!(parse_hash("modulo"), Ok(HashKind::Modulo));
+        assert_eq!(parse_hash("mix:0x10"), Ok(HashKind::Mix { key: 16 }));
+        assert_eq!(parse_hash("mix:7"), Ok(HashKind::Mix { key: 7 }));
+        assert!(parse_hash("sha").is_err());
+        assert!(parse_hash("mix:zz").is_err());
+    }
+}
