@@ -36,6 +36,10 @@ start_volume() {
 # stop_volume: SIGTERM the daemon and require a clean exit (it flushes).
 stop_volume() {
   kill -TERM "$DAEMON_PID"
+  # Bounded: a daemon that cannot stop is a failure, not a hang.
+  local i
+  for i in $(seq 1 600); do kill -0 "$DAEMON_PID" 2>/dev/null || break; sleep 0.1; done
+  kill -0 "$DAEMON_PID" 2>/dev/null && { tail -20 "$CANOPY_OUT/daemon.log"; fail "daemon did not exit within 60 s of SIGTERM"; }
   local rc=0
   wait "$DAEMON_PID" || rc=$?
   [[ $rc == 0 ]] || { tail -20 "$CANOPY_OUT/daemon.log"; fail "daemon exited with $rc on SIGTERM"; }

@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use canopy_cache::{HashKind, Medium};
 use canopy_ublk::control::{self, CacheChange, Reply, Report, Request};
 use canopy_ublk::device::{self, ServeOptions};
-use canopy_ublk::origin::{check_chunk_size, OriginStore};
+use canopy_ublk::origin::{check_chunk_size, check_volume_size, OriginStore};
 use canopy_ublk::size::ByteSize;
 use canopy_ublk::spec::{cache_layout, VolumeSpec, SPEC_VERSION};
 use canopy_ublk::volume::CacheMode;
@@ -288,6 +288,16 @@ fn add(a: AddArgs) -> Result<()> {
     // a device, so a typo never leaves a half-made /dev/ublkbN behind.
     let disks: Vec<(PathBuf, u64)> = a.cache_disk.iter().map(|(p, s)| (p.clone(), s.0)).collect();
     let cache = cache_layout(chunk_size, a.cache_mem.0, &disks)?;
+    match a.size {
+        Some(size) => check_volume_size(size.0)?,
+        None if !a.origin.exists() => {
+            bail!(
+                "origin {} does not exist (give --size to create it)",
+                a.origin.display()
+            )
+        }
+        None => {}
+    }
     device::preflight()?;
     // Creating (or sizing) the origin up front reports its errors now; the
     // daemon reopens it with the same checks.

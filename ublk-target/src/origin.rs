@@ -104,6 +104,15 @@ pub fn check_chunk_size(chunk_size: usize) -> Result<(), OriginError> {
     }
 }
 
+/// Validate a volume size: positive and a whole number of 512-byte sectors.
+pub fn check_volume_size(size: u64) -> Result<(), OriginError> {
+    if size == 0 || !size.is_multiple_of(512) {
+        Err(OriginError::BadSize(size))
+    } else {
+        Ok(())
+    }
+}
+
 impl OriginStore {
     /// Open `path`, creating it with `create_size` bytes when it is missing.
     ///
@@ -121,9 +130,7 @@ impl OriginStore {
             source,
         };
         if let Some(s) = create_size {
-            if s == 0 || s % 512 != 0 {
-                return Err(OriginError::BadSize(s));
-            }
+            check_volume_size(s)?;
         }
         let exists = path.exists();
         if !exists && create_size.is_none() {
@@ -171,9 +178,7 @@ impl OriginStore {
                 });
             }
         }
-        if size == 0 || size % 512 != 0 {
-            return Err(OriginError::BadSize(size));
-        }
+        check_volume_size(size)?;
         let direct = open_direct(path);
         if direct.is_none() {
             tracing::info!(path = %path.display(), "O_DIRECT not available on the origin; using buffered I/O");

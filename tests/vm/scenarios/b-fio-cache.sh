@@ -10,7 +10,7 @@ start_volume --origin /tmp/b-origin.img --size 256M --chunk-size 64K \
   --cache-mem 4M --cache-disk /tmp/b-tier1.img:16M --cache-mode writeback --queues 2 --depth 32
 
 fio_job() {
-  fio --name=b --filename="$DEV" --direct=1 --ioengine=libaio --iodepth=16 \
+  fio --eta=never --name=b --filename="$DEV" --direct=1 --ioengine=libaio --iodepth=16 \
     --bs=4k --numjobs=2 --size=48M --offset_increment=64M --randrepeat=0 \
     --verify=crc32c --verify_fatal=1 --verify_state_save=0 "$@"
 }

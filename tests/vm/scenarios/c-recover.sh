@@ -14,9 +14,9 @@ mount "$DEV" /mnt/c
 write_tree /mnt/c/tree 16
 sync
 checksum_tree /mnt/c/tree /tmp/c.sums
-fio --name=c --filename=/mnt/c/fio.dat --size=24M --direct=1 --ioengine=libaio \
+fio --eta=never --name=c --filename=/mnt/c/fio.dat --size=24M --direct=1 --ioengine=libaio \
   --iodepth=16 --bs=4k --rw=randwrite --verify=crc32c --do_verify=1 --verify_fatal=1 \
-  --randrepeat=0 --output="$CANOPY_OUT/c-fio.txt" &
+  --randrepeat=0 --verify_state_save=0 --output="$CANOPY_OUT/c-fio.txt" &
 fio_pid=$!
 sleep 4
 kill -0 "$fio_pid" || fail "fio finished before the kill; make it longer"
@@ -34,12 +34,12 @@ stop_volume
 log "part 2: writeback, raw device, flushed data survives SIGKILL"
 start_volume --origin /tmp/c2-origin.img --size 128M --cache-mem 8M --cache-mode writeback
 fio_region() {
-  fio --name=c2 --filename="$DEV" --direct=1 --ioengine=libaio --iodepth=16 --bs=4k \
+  fio --eta=never --name=c2 --filename="$DEV" --direct=1 --ioengine=libaio --iodepth=16 --bs=4k \
     --offset=0 --size=32M --verify=crc32c --verify_state_save=0 "$@"
 }
 fio_region --rw=randwrite --do_verify=0 --fsync_on_close=1 --output="$CANOPY_OUT/c2-write.txt" \
   || fail "fio write of the flushed region failed"
-fio --name=noise --filename="$DEV" --direct=1 --ioengine=libaio --iodepth=16 --bs=4k \
+fio --eta=never --name=noise --filename="$DEV" --direct=1 --ioengine=libaio --iodepth=16 --bs=4k \
   --offset=64M --size=32M --rw=randwrite --time_based --runtime=60 --output=/dev/null &
 noise_pid=$!
 sleep 3

@@ -47,7 +47,7 @@ if [[ -e /dev/loop-control ]]; then
   step "loop + mkfs.ext4 + mount + write + umount + e2fsck OK ($dev)"
 
   # fio with io_uring on the loop device: the engine canopy's tests compare with.
-  fio --name=smoke --filename="$dev" --ioengine=io_uring --direct=1 --rw=randrw \
+  fio --eta=never --name=smoke --filename="$dev" --ioengine=io_uring --direct=1 --rw=randrw \
     --bs=4k --size=32M --iodepth=8 --runtime=3 --time_based \
     --output-format=json --output="$CANOPY_OUT/smoke-fio.json" >/dev/null ||
     die "fio (io_uring) on $dev failed"

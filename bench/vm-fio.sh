@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# In-VM fio comparison: /dev/ublkbN served by canopy (warm memory tier)
+# against a kernel loop device on a tmpfs file, side by side in one boot.
+# Runs inside the guest; start it with `bench/vm-fio`. Prints a markdown
+# table (also saved to $CANOPY_OUT/vm-fio.md). Ratios only mean something
+# within one run: the VM is software-emulated (TCG) and noisy.
+source "$CANOPY_REPO/tests/vm/scenario-lib.sh"
+runtime=${CANOPY_BENCH_RUNTIME:-10}
+
+start_volume --origin /tmp/bench-origin.img --size 256M --cache-mem 320M --queues 2
+dd if="$DEV" of=/dev/null bs=1M iflag=direct status=none   # warm the cache
+truncate -s 256M /tmp/loop.img
+dd if=/dev/urandom of=/tmp/loop.img bs=1M count=256 conv=notrunc status=none
+loopdev=$(losetup --find --show /tmp/loop.img)
+
+fio_json() { # DEV NAME ARGS...
+  local dev=$1 name=$2; shift 2
+  fio --eta=never --name="$name" --filename="$dev" --direct=1 --ioengine=libaio --time_based \
+    --runtime="$runtime" --ramp_time=2 --numjobs=1 --output-format=json "$@" \
+    >"$CANOPY_OUT/$name.json"
+}
+metric() { # FILE -> "iops MB/s"
+  python3 -c 'import json,sys; j=json.load(open(sys.argv[1]))["jobs"][0]["read"]; print(f"{j[\"iops\"]:.0f} {j[\"bw_bytes\"]/1e6:.1f}")' "$1"
+}
+
+for dev in "$DEV" "$loopdev"; do
+  tag=$(basename "$dev")
+  fio_json "$dev" "$tag-4k-randread" --rw=randread --bs=4k --iodepth=32
+  fio_json "$dev" "$tag-1m-read" --rw=read --bs=1M --iodepth=8
+done
+
+u=$(basename "$DEV") l=$(basename "$loopdev")
+{
+  echo "| workload | canopy $u | loop on tmpfs | ratio |"
+  echo "|---|---|---|---|"
+  for w in 4k-randread 1m-read; do
+    read -r ui ub <<<"$(metric "$CANOPY_OUT/$u-$w.json")"
+    read -r li lb <<<"$(metric "$CANOPY_OUT/$l-$w.json")"
+    ratio=$(python3 -c "print(f'{$ui/$li:.2f}')")
+    echo "| $w | $ui IOPS, $ub MB/s | $li IOPS, $lb MB/s | $ratio |"
+  done
+} | tee "$CANOPY_OUT/vm-fio.md"
+"$UBLK" stats --id "$DEV_ID"
+losetup -d "$loopdev"
+stop_volume
