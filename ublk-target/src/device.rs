@@ -302,6 +302,14 @@ fn serve_queue(qid: u16, dev: &UblkDev, volume: &Arc<Volume>) {
         let offset = iod.start_sector << 9;
         let len = (iod.nr_sectors as usize) << 9;
         let Some(buf) = handler_bufs.get(tag as usize) else {
+            // Cannot happen (one buffer per tag), but a tag never completed
+            // would hang its request forever: fail it instead.
+            tracing::error!(qid, tag, "request for a tag without a buffer");
+            let _ = q.complete_io_cmd_unified(
+                tag,
+                BufDesc::Slice(&[]),
+                Ok(UblkIORes::Result(-libc::EIO)),
+            );
             return;
         };
         // SAFETY: each tag owns its buffer, and the kernel hands a tag to
