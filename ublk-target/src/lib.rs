@@ -9,11 +9,13 @@
 //! - [`spec`]: what a volume is made of, saved for `recover`.
 //! - [`device`]: the libublk daemon (queues, signals, recovery).
 //! - [`control`]: the control socket for stats and live reconfiguration.
+//! - [`namespace`]: the daemon's private mount namespace.
 //! - [`size`]: size strings on the command line.
 #![warn(missing_docs)]
 
 pub mod control;
 pub mod device;
+pub mod namespace;
 pub mod origin;
 pub mod size;
 pub mod spec;

@@ -226,7 +226,7 @@ fn run(cli: Cli) -> Result<()> {
             // The device keeps its queue geometry across the crash; libublk
             // sizes its per-queue tables from what we pass, so it must match.
             let (queues, depth) = device::queue_geometry(id)?;
-            device::isolate_mount_namespace();
+            canopy_ublk::namespace::isolate();
             device::serve(ServeOptions {
                 spec,
                 id: Some(id),
@@ -305,7 +305,7 @@ fn add(a: AddArgs) -> Result<()> {
     drop(origin);
     let origin_path = std::fs::canonicalize(&a.origin)
         .with_context(|| format!("resolving {}", a.origin.display()))?;
-    device::isolate_mount_namespace();
+    canopy_ublk::namespace::isolate();
     device::serve(ServeOptions {
         spec: VolumeSpec {
             canopy: SPEC_VERSION,
