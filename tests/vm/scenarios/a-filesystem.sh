@@ -6,6 +6,13 @@
 source "$CANOPY_REPO/tests/vm/scenario-lib.sh"
 
 origin=/tmp/a-origin.img
+log "refusals: not root, bad size"
+out=$(setpriv --reuid=65534 --regid=65534 --clear-groups "$UBLK" add --origin /tmp/x.img --size 1M 2>&1) && fail "add as nobody succeeded"
+grep -q "must run as root" <<<"$out" || fail "not-root error unclear: $out"
+out=$("$UBLK" add --origin /tmp/x.img --size 1000 2>&1) && fail "add with a bad size succeeded"
+grep -q "multiple of 512" <<<"$out" || fail "bad-size error unclear: $out"
+[[ ! -e /tmp/x.img ]] || fail "a refused add created its origin"
+
 start_volume --origin "$origin" --size 256M --cache-mem 16M --queues 2
 mkfs.ext4 -q -F "$DEV"
 mkdir -p /mnt/a
