@@ -99,7 +99,9 @@ mkdir -p "$job"
     IFS=: read -ra keep <<<"$CANOPY_VM_KEEP"
     for k in "${keep[@]}"; do [[ -z $k ]] || realpath -m "$k"; done
   fi
-} >"$job/keep"
+  # Shortest first: a parent is bound before anything inside it, which the
+  # guest then finds already visible and skips.
+} | awk '{ print length($0) "\t" $0 }' | sort -n -s | cut -f2- | uniq >"$job/keep"
 
 log=$out/console.log
 # -accel tcg: KVM exists on these machines but guests crash early under it.
