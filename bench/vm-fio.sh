@@ -20,7 +20,7 @@ fio_json() { # DEV NAME ARGS...
     >"$CANOPY_OUT/$name.json"
 }
 metric() { # FILE -> "iops MB/s"
-  python3 -c 'import json,sys; j=json.load(open(sys.argv[1]))["jobs"][0]["read"]; print(f"{j[\"iops\"]:.0f} {j[\"bw_bytes\"]/1e6:.1f}")' "$1"
+  python3 -c 'import json,sys; j=json.load(open(sys.argv[1]))["jobs"][0]["read"]; print("%.0f %.1f" % (j["iops"], j["bw_bytes"] / 1e6))' "$1"
 }
 
 for dev in "$DEV" "$loopdev"; do
@@ -36,7 +36,7 @@ u=$(basename "$DEV") l=$(basename "$loopdev")
   for w in 4k-randread 1m-read; do
     read -r ui ub <<<"$(metric "$CANOPY_OUT/$u-$w.json")"
     read -r li lb <<<"$(metric "$CANOPY_OUT/$l-$w.json")"
-    ratio=$(python3 -c "print(f'{$ui/$li:.2f}')")
+    ratio=$(python3 -c "print('%.2f' % ($ui / $li))")
     echo "| $w | $ui IOPS, $ub MB/s | $li IOPS, $lb MB/s | $ratio |"
   done
 } | tee "$CANOPY_OUT/vm-fio.md"
