@@ -101,7 +101,7 @@ mkdir -p "$job"
   fi
   # Shortest first: a parent is bound before anything inside it, which the
   # guest then finds already visible and skips.
-} | awk '{ print length($0) "\t" $0 }' | sort -n -s | cut -f2- | uniq >"$job/keep"
+} | sort -u | awk '{ print length($0) "\t" $0 }' | sort -n -s | cut -f2- >"$job/keep"
 
 log=$out/console.log
 # -accel tcg: KVM exists on these machines but guests crash early under it.

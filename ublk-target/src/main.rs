@@ -7,7 +7,7 @@ use anyhow::{bail, Context, Result};
 use canopy_cache::{HashKind, Medium};
 use canopy_ublk::control::{self, CacheChange, Reply, Report, Request};
 use canopy_ublk::device::{self, ServeOptions};
-use canopy_ublk::origin::{check_chunk_size, check_volume_size, OriginStore};
+use canopy_ublk::origin::{check_chunk_size, check_volume_size, OriginError, OriginStore};
 use canopy_ublk::size::ByteSize;
 use canopy_ublk::spec::{cache_layout, VolumeSpec, SPEC_VERSION};
 use canopy_ublk::volume::CacheMode;
@@ -290,12 +290,7 @@ fn add(a: AddArgs) -> Result<()> {
     let cache = cache_layout(chunk_size, a.cache_mem.0, &disks)?;
     match a.size {
         Some(size) => check_volume_size(size.0)?,
-        None if !a.origin.exists() => {
-            bail!(
-                "origin {} does not exist (give --size to create it)",
-                a.origin.display()
-            )
-        }
+        None if !a.origin.exists() => return Err(OriginError::Missing(a.origin.clone()).into()),
         None => {}
     }
     device::preflight()?;
