@@ -1,0 +1,326 @@
+//! The Client module: our CONNECT and requests to the parent, its
+//! INVALIDATEs and PUSHes, and HEARTBEAT.
+
+use canopy_proto::{Message, Opcode, Perm, Status};
+
+use crate::entry::{Entry, UpKind};
+use crate::node::{Node, Outstanding, Upstream};
+use crate::Millis;
+
+impl Node {
+    /// The transport to the parent is up: connect now, or (a proxy with
+    /// `connect_lazily`) when the first child or local request needs it.
+    pub fn parent_up(&mut self, now: Millis) {
+        if self.is_root() {
+            return;
+        }
+        self.upstream = Upstream::Idle;
+        if !self.cfg.connect_lazily
+            || !self.waiting_connect.is_empty()
+            || !self.waiting_local.is_empty()
+        {
+            self.send_connect();
+        }
+        let _ = now;
+    }
+
+    pub(crate) fn send_connect(&mut self) {
+        let xid = self.alloc_xid(Outstanding::Connect);
+        let mut m = Message::new(Opcode::Connect, xid);
+        m.params.volume_name = Some(self.cfg.volume_name.clone());
+        m.params.connect_flags = Some(self.cfg.write_mode.connect_flag());
+        self.upstream = Upstream::Connecting;
+        self.send_parent(m);
+    }
+
+    /// The transport to the parent failed, or its heartbeat did: everything
+    /// we hold from it is void.
+    pub fn parent_down(&mut self, now: Millis) {
+        if self.is_root() {
+            return;
+        }
+        if self.upstream != Upstream::Down {
+            tracing::warn!("parent lost: dropping every chunk held from it");
+        }
+        self.upstream = Upstream::Down;
+        self.next_heartbeat = None;
+        self.outstanding
+            .retain(|_, o| matches!(o, Outstanding::Invalidate { .. }));
+        let mut chunks: Vec<u64> = self.table.keys().copied().collect();
+        // Sorted so that a simulation replays the same actions in the same order.
+        chunks.sort_unstable();
+        for chunk in &chunks {
+            let Some(e) = self.table.get_mut(chunk) else {
+                continue;
+            };
+            if e.dirty {
+                self.stats.lost_dirty += 1;
+                tracing::error!(chunk, "unflushed async write lost with the parent");
+            }
+            e.parent_inval.clear();
+            let up = e.up.take();
+            let from_head = e.queue.front().map(|p| p.from.clone());
+            self.drop_copy(*chunk);
+            if up.is_some() {
+                if let Some(from) = from_head {
+                    self.answer(&from, Err(Status::ParentUnavailable));
+                }
+                if let Some(e) = self.table.get_mut(chunk) {
+                    e.queue.pop_front();
+                }
+            }
+            // Grants we made rest on ours: take them back.
+            let victims: Vec<_> = self.table.get(chunk).map_or(Vec::new(), |e| {
+                e.children
+                    .iter()
+                    .filter(|(c, _)| !e.recall.iter().any(|(r, _)| r == c))
+                    .map(|(c, _)| *c)
+                    .collect()
+            });
+            if !victims.is_empty() {
+                self.start_recall(*chunk, victims, Perm::No);
+            }
+        }
+        for (id, _) in std::mem::take(&mut self.waiting_local) {
+            self.local_done(id, Err(Status::ParentUnavailable));
+        }
+        for chunk in chunks {
+            self.run(chunk, now);
+        }
+        self.release_waiting_connects(now);
+    }
+
+    /// A message arrived from the parent.
+    pub fn handle_parent(&mut self, m: Message, now: Millis) {
+        if self.is_root() {
+            return;
+        }
+        match m.header.opcode {
+            Opcode::OkReply | Opcode::ErrReply => self.parent_reply(m, now),
+            Opcode::Invalidate => self.parent_invalidate(m, now),
+            Opcode::Push => self.parent_push(m, now),
+            other => {
+                tracing::warn!(opcode = %other, "unexpected message from the parent");
+                if !other.is_reply() {
+                    self.send_parent(Message::err_reply(m.header.xid, Status::Unsupported));
+                }
+            }
+        }
+    }
+
+    fn parent_reply(&mut self, m: Message, now: Millis) {
+        let xid = m.header.xid;
+        let Some(what) = self.outstanding.remove(&xid) else {
+            tracing::debug!(xid, "reply from the parent to nothing we asked");
+            return;
+        };
+        let ok = m.header.opcode == Opcode::OkReply;
+        match what {
+            Outstanding::Connect => self.connect_answered(m, ok, now),
+            Outstanding::Heartbeat { sent } => {
+                if let Upstream::Connected {
+                    hb_ttl_ms,
+                    deadline,
+                    ..
+                } = &mut self.upstream
+                {
+                    if ok {
+                        *hb_ttl_ms = m.params.hb_ttl_ms.unwrap_or(*hb_ttl_ms);
+                        *deadline = sent + u64::from(*hb_ttl_ms);
+                    }
+                }
+            }
+            Outstanding::Up { chunk, sent } => self.up_answered(chunk, xid, sent, m, ok, now),
+            Outstanding::Release { chunk } => {
+                if !ok {
+                    tracing::warn!(chunk, status = ?m.params.status, "parent refused a release");
+                }
+            }
+            Outstanding::Invalidate { .. } => {
+                tracing::warn!(xid, "parent answered an INVALIDATE we sent to a child");
+            }
+        }
+    }
+
+    fn connect_answered(&mut self, m: Message, ok: bool, now: Millis) {
+        let volume_id = m.params.volume_id;
+        match (ok, volume_id) {
+            (true, Some(volume_id)) => {
+                let hb = m.params.hb_ttl_ms.unwrap_or(self.cfg.hb_ttl_ms);
+                self.chunk_size = m.params.chunk_size.unwrap_or(0);
+                self.volume_size = m.params.volume_size.unwrap_or(0);
+                // Our children get the parent's global TTL, unchanged (seed example 1).
+                self.cfg.hb_ttl_ms = hb;
+                self.upstream = Upstream::Connected {
+                    volume_id,
+                    hb_ttl_ms: hb,
+                    deadline: now + u64::from(hb),
+                };
+                self.next_heartbeat = Some(now + u64::from(hb / 3).max(1));
+                tracing::info!(
+                    volume_id,
+                    chunk_size = self.chunk_size,
+                    volume_size = self.volume_size,
+                    "connected to parent"
+                );
+            }
+            _ => {
+                tracing::error!(status = ?m.params.status, "parent refused CONNECT");
+                self.upstream = Upstream::Idle;
+            }
+        }
+        self.release_waiting_connects(now);
+        let waiting = std::mem::take(&mut self.waiting_local);
+        for (id, op) in waiting {
+            if self.is_ready() {
+                self.local(id, op, now);
+            } else {
+                self.local_done(
+                    id,
+                    Err(m.params.status.unwrap_or(Status::ParentUnavailable)),
+                );
+            }
+        }
+    }
+
+    fn up_answered(
+        &mut self,
+        chunk: u64,
+        xid: u32,
+        sent: Millis,
+        m: Message,
+        ok: bool,
+        now: Millis,
+    ) {
+        let Some(e) = self.table.get_mut(&chunk) else {
+            return;
+        };
+        let Some((up_xid, kind)) = e.up else { return };
+        if up_xid != xid {
+            return;
+        }
+        e.up = None;
+        if !ok {
+            let status = m.params.status.unwrap_or(Status::IoError);
+            self.fail_head(chunk, status);
+            if let Some(e) = self.table.get_mut(&chunk) {
+                e.queue.pop_front();
+            }
+            self.run(chunk, now);
+            return;
+        }
+        let granted = m.params.permissions.unwrap_or(Perm::No);
+        // TTL is counted from when we asked, so it covers the round trip and
+        // our grant always ends before our parent's (seed example 1).
+        let expiry = sent + u64::from(m.params.ttl_ms.unwrap_or(0));
+        match kind {
+            UpKind::Flush => {}
+            UpKind::Acquire => {
+                let need_data = self.chunk_size > 0 && e.data.is_none();
+                let bad_size = m
+                    .params
+                    .data
+                    .as_ref()
+                    .is_some_and(|d| d.len() != self.chunk_size as usize);
+                if granted == Perm::No || bad_size || (need_data && m.params.data.is_none()) {
+                    tracing::warn!(chunk, ?granted, "parent's grant unusable");
+                    e.held = e.held.max(granted);
+                    self.fail_head(chunk, Status::NoPermission);
+                    if let Some(e) = self.table.get_mut(&chunk) {
+                        e.queue.pop_front();
+                    }
+                    self.run(chunk, now);
+                    return;
+                }
+                e.held = granted;
+                e.expiry = Some(expiry);
+                if let Some(d) = m.params.data {
+                    // A dirty copy is newer than the parent's (we held WRITE
+                    // all along; only our TTL ran out): keep ours.
+                    if !e.dirty {
+                        e.data = Some(d);
+                    }
+                } else if self.chunk_size == 0 {
+                    e.data = Some(bytes::Bytes::new());
+                }
+            }
+            UpKind::Put => {
+                // Our write is in; what we hold is what the parent says now
+                // (it never lowers a record, so this is not less than our
+                // children hold).
+                let put = put_data(e);
+                if granted > Perm::No {
+                    e.held = granted;
+                    e.expiry = Some(expiry);
+                    e.data = put;
+                    e.dirty = false;
+                    self.dirty.remove(&chunk);
+                } else {
+                    self.drop_copy(chunk);
+                }
+                if let Some(p) = self.table.get_mut(&chunk).and_then(|e| e.queue.front_mut()) {
+                    p.applied = true;
+                    p.propagated = true;
+                }
+            }
+        }
+        self.run(chunk, now);
+    }
+
+    fn parent_invalidate(&mut self, m: Message, now: Millis) {
+        let xid = m.header.xid;
+        let (Some(chunk), Some(target)) = (m.params.block_num, m.params.permissions) else {
+            self.send_parent(Message::err_reply(xid, Status::MissingParam));
+            return;
+        };
+        if m.params.volume_id != self.parent_volume_id() {
+            self.send_parent(Message::err_reply(xid, Status::NoSuchVolume));
+            return;
+        }
+        self.stats.invalidates_received += 1;
+        if !self.table.contains_key(&chunk) {
+            let mut r = Message::new(Opcode::OkReply, xid);
+            r.params.permissions = Some(Perm::No);
+            self.send_parent(r);
+            return;
+        }
+        if let Some(e) = self.table.get_mut(&chunk) {
+            e.parent_inval.push_back((xid, target));
+        }
+        self.run(chunk, now);
+    }
+
+    fn parent_push(&mut self, m: Message, now: Millis) {
+        let (Some(chunk), Some(data)) = (m.params.block_num, m.params.data) else {
+            return;
+        };
+        if m.params.volume_id != self.parent_volume_id() || data.len() != self.chunk_size as usize {
+            return;
+        }
+        // Only into an empty row: anything else is mid-transaction, and the
+        // parent's record of us is corrected by its next INVALIDATE.
+        let e = self.table.entry(chunk).or_default();
+        if e.held != Perm::No || e.is_busy() {
+            return;
+        }
+        e.held = m.params.permissions.unwrap_or(Perm::No).min(Perm::Read);
+        if e.held == Perm::No {
+            self.forget_if_idle(chunk);
+            return;
+        }
+        e.data = Some(data);
+        e.expiry = Some(now + u64::from(m.params.ttl_ms.unwrap_or(0)));
+        self.touch(chunk);
+        self.maybe_evict(now);
+    }
+}
+
+/// The data a PUT at the head of the queue carried (for our own copy).
+fn put_data(e: &Entry) -> Option<bytes::Bytes> {
+    use crate::entry::Req;
+    match e.queue.front().map(|p| &p.req) {
+        Some(Req::Put { data, .. }) => Some(data.clone()),
+        Some(Req::Write { data, .. }) => Some(data.clone()),
+        _ => e.data.clone(),
+    }
+}

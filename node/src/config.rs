@@ -1,0 +1,94 @@
+//! What a node is told at start.
+
+use canopy_proto::ConnectFlags;
+
+use crate::Millis;
+
+/// Where the node sits in the tree.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Holds the authoritative copy in its Origin; has no parent.
+    Root,
+    /// Has a parent; may serve children and local I/O.
+    Child,
+}
+
+/// When a write is acknowledged (DRBD's protocols A, B and C).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum WriteMode {
+    /// Once the volume root holds it durably (protocol C).
+    #[default]
+    Sync,
+    /// Once the parent holds it (protocol B). The writer then owes a FORWARD
+    /// if it drops the chunk before it has gone further.
+    SemiSync,
+    /// Once the local node holds WRITE and has applied it (protocol A); the
+    /// sync daemon sends it up later.
+    Async,
+}
+
+impl WriteMode {
+    /// The CONNECT_FLAGS option that asks a parent for this mode.
+    pub fn connect_flag(self) -> ConnectFlags {
+        match self {
+            WriteMode::Sync => ConnectFlags::SYNC_WRITE,
+            WriteMode::SemiSync => ConnectFlags::SEMI_SYNC_WRITE,
+            WriteMode::Async => ConnectFlags::ASYNC_WRITE,
+        }
+    }
+
+    /// The mode a CONNECT_FLAGS value asks for; sync when it names none,
+    /// because the safe default is the one that loses nothing.
+    pub fn from_connect_flags(f: ConnectFlags) -> WriteMode {
+        if f.contains(ConnectFlags::ASYNC_WRITE) {
+            WriteMode::Async
+        } else if f.contains(ConnectFlags::SEMI_SYNC_WRITE) {
+            WriteMode::SemiSync
+        } else {
+            WriteMode::Sync
+        }
+    }
+}
+
+/// A node's settings.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    /// Root or child.
+    pub role: Role,
+    /// The volume's name, sent in CONNECT.
+    pub volume_name: String,
+    /// The volume id this node gives its children (seed example 1: a proxy
+    /// may give its own).
+    pub child_volume_id: u32,
+    /// Lifetime of a grant made by the root.
+    pub grant_ttl_ms: u32,
+    /// The global TTL a parent gives its children; they heartbeat at a third of it.
+    pub hb_ttl_ms: u32,
+    /// How often the sync daemon sends dirty chunks up (async writes).
+    pub sync_interval_ms: Millis,
+    /// Chunks with data this node keeps before it gives the least recently
+    /// used ones back to its parent.
+    pub capacity_chunks: usize,
+    /// How this node's own local writes are acknowledged.
+    pub write_mode: WriteMode,
+    /// Send CONNECT only when a child or local request needs the volume
+    /// (a proxy, as in seed example 1), not as soon as the link is up.
+    pub connect_lazily: bool,
+}
+
+impl NodeConfig {
+    /// Defaults from seed 001's examples: TTL 1200 s, HB_TTL 30 s.
+    pub fn new(role: Role, volume_name: &str, child_volume_id: u32) -> Self {
+        NodeConfig {
+            role,
+            volume_name: volume_name.to_string(),
+            child_volume_id,
+            grant_ttl_ms: 1_200_000,
+            hb_ttl_ms: 30_000,
+            sync_interval_ms: 5_000,
+            capacity_chunks: 4096,
+            write_mode: WriteMode::Sync,
+            connect_lazily: false,
+        }
+    }
+}

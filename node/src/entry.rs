@@ -1,0 +1,167 @@
+//! The Block Table's row for one chunk.
+
+use std::collections::VecDeque;
+
+use bytes::Bytes;
+use canopy_proto::Perm;
+
+use crate::local::LocalId;
+use crate::{ChildId, Millis};
+
+/// Who asked.
+#[derive(Debug, Clone)]
+pub(crate) enum Requester {
+    /// A child, answered by an OK_REPLY or ERR_REPLY to `xid`.
+    Child {
+        child: ChildId,
+        xid: u32,
+        hops_left: u8,
+        originator: std::net::Ipv6Addr,
+    },
+    /// This node's own user.
+    Local(LocalId),
+}
+
+/// What is asked.
+#[derive(Debug, Clone)]
+pub(crate) enum Req {
+    /// Child GET (`lock` false) or upgrading LOCK: hand out `want`.
+    Grant { want: Perm, lock: bool },
+    /// Child PUT: store `data`, then hand out `want`.
+    Put { data: Bytes, want: Perm, sync: bool },
+    /// After a child's FLUSH: send our copy up before replying. `sync`: to
+    /// the root (everything the child sent must be durable there); otherwise
+    /// one level (a proxy passing on a chunk its writer gave up, keeping
+    /// `keep`, as in seed example 4).
+    PassUp { sync: bool, keep: Perm },
+    /// Child FORWARD: send our copy one level up.
+    Forward,
+    /// Local read.
+    Read,
+    /// Local write of `data` at `offset`.
+    Write {
+        offset: u32,
+        data: Bytes,
+        sync: bool,
+        semi: bool,
+    },
+    /// Local lock (pin) at `perm`.
+    Lock { perm: Perm },
+}
+
+/// A request waiting its turn on a chunk, with its progress.
+#[derive(Debug)]
+pub(crate) struct Pending {
+    pub from: Requester,
+    pub req: Req,
+    /// Its data is in our copy (or at the root) already.
+    pub applied: bool,
+    /// Its data has gone as far up as its mode needs.
+    pub propagated: bool,
+}
+
+/// What the outstanding request to the parent for this chunk was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum UpKind {
+    /// GET or LOCK for more permission; the head request is served after.
+    Acquire,
+    /// PUT carrying the head request's data, with the permission it needs.
+    Put,
+    /// FLUSH carrying data (or a sync barrier) for the head request.
+    Flush,
+}
+
+/// One row of the Block Table.
+#[derive(Debug, Default)]
+pub(crate) struct Entry {
+    /// Permission held from the parent (the root always holds WRITE).
+    pub held: Perm,
+    /// When `held` stops being usable (child nodes only).
+    pub expiry: Option<Millis>,
+    /// The chunk's contents, valid while `held >= Read` and no child holds WRITE.
+    pub data: Option<Bytes>,
+    /// `data` is newer than the parent's copy.
+    pub dirty: bool,
+    /// The last write went only as far as the parent (semi-sync): dropping
+    /// the chunk needs a FORWARD first.
+    pub forward_duty: bool,
+    /// Permissions handed to children.
+    pub children: Vec<(ChildId, Perm)>,
+    /// The outstanding request to the parent: its XID and kind.
+    pub up: Option<(u32, UpKind)>,
+    /// Children we sent INVALIDATE to and await.
+    pub recall: Vec<(ChildId, u32)>,
+    /// INVALIDATEs from the parent not yet answered: (xid, target).
+    pub parent_inval: VecDeque<(u32, Perm)>,
+    /// Requests in arrival order.
+    pub queue: VecDeque<Pending>,
+    /// Logical time of the last local or child access, for eviction.
+    pub touched: u64,
+    /// Accessed since the sync daemon's last pass.
+    pub recently_used: bool,
+    /// Dirty at the sync daemon's last pass already: due this pass.
+    pub sync_aged: bool,
+    /// A local lock holds this permission: INVALIDATEs wait for its release.
+    pub pinned: Perm,
+}
+
+impl Entry {
+    /// The permission recorded for `child`.
+    pub fn child_perm(&self, child: ChildId) -> Perm {
+        self.children
+            .iter()
+            .find(|(c, _)| *c == child)
+            .map_or(Perm::No, |(_, p)| *p)
+    }
+
+    /// Record `perm` for `child` (No removes it).
+    pub fn set_child(&mut self, child: ChildId, perm: Perm) {
+        self.children.retain(|(c, _)| *c != child);
+        if perm != Perm::No {
+            self.children.push((child, perm));
+        }
+    }
+
+    /// Whether any child holds WRITE.
+    pub fn child_writer(&self) -> Option<ChildId> {
+        self.children
+            .iter()
+            .find(|(_, p)| *p == Perm::Write)
+            .map(|(c, _)| *c)
+    }
+
+    /// Nothing refers to this row: it can leave the table.
+    pub fn is_idle(&self) -> bool {
+        self.held == Perm::No
+            && self.data.is_none()
+            && self.children.is_empty()
+            && self.up.is_none()
+            && self.recall.is_empty()
+            && self.parent_inval.is_empty()
+            && self.queue.is_empty()
+            && self.pinned == Perm::No
+    }
+
+    /// Busy with a transaction: not a candidate for eviction or the sync daemon.
+    pub fn is_busy(&self) -> bool {
+        self.up.is_some()
+            || !self.recall.is_empty()
+            || !self.parent_inval.is_empty()
+            || !self.queue.is_empty()
+    }
+}
+
+/// A read-only view of a chunk's row, for tests, the simulation and `stats`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChunkView {
+    /// Permission held from the parent.
+    pub held: Perm,
+    /// Whether that permission is usable now (not expired).
+    pub usable: bool,
+    /// The contents this node has.
+    pub data: Option<Bytes>,
+    /// Newer than the parent's copy.
+    pub dirty: bool,
+    /// Permissions handed to children.
+    pub children: Vec<(ChildId, Perm)>,
+}

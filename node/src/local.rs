@@ -1,0 +1,58 @@
+//! Local access: the seed's Driver talking to the Block Table.
+
+use bytes::Bytes;
+use canopy_proto::Perm;
+
+/// Names a local request so its completion can be matched to it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LocalId(pub u64);
+
+/// A request from this node's own user (the ublk device, a test, a lock client).
+#[derive(Clone, Debug)]
+pub enum LocalOp {
+    /// Read a whole chunk.
+    Read {
+        /// Chunk number.
+        chunk: u64,
+    },
+    /// Write `data` at `offset` inside a chunk.
+    Write {
+        /// Chunk number.
+        chunk: u64,
+        /// Byte offset inside the chunk.
+        offset: u32,
+        /// The bytes to write.
+        data: Bytes,
+        /// Acknowledge only once the root has it durably, whatever the mode (FUA).
+        force_sync: bool,
+    },
+    /// Take (`Read` shared, `Write` exclusive) or release (`No`) a lock on a
+    /// chunk. While held, an INVALIDATE from the parent waits for the release,
+    /// which makes LOCK a distributed lock service on a dataless volume.
+    Lock {
+        /// Chunk (lock) number.
+        chunk: u64,
+        /// What to hold afterwards.
+        perm: Perm,
+    },
+}
+
+impl LocalOp {
+    /// The chunk the request is about.
+    pub fn chunk(&self) -> u64 {
+        match self {
+            LocalOp::Read { chunk }
+            | LocalOp::Write { chunk, .. }
+            | LocalOp::Lock { chunk, .. } => *chunk,
+        }
+    }
+}
+
+/// A local request's successful result.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum LocalReply {
+    /// The chunk's contents (for Read).
+    Data(Bytes),
+    /// Written with the durability the mode promises, or lock state changed.
+    Done,
+}

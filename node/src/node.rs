@@ -1,0 +1,1046 @@
+//! The node: its tables, its outputs, and the per-chunk engine that serves
+//! requests one at a time.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+
+use bytes::{Bytes, BytesMut};
+use canopy_cache::Backing;
+use canopy_proto::{Flags, IoOp, Message, Opcode, Perm, Status};
+
+use crate::config::{NodeConfig, Role, WriteMode};
+use crate::entry::{ChunkView, Entry, Pending, Req, Requester, UpKind};
+use crate::local::{LocalId, LocalReply};
+use crate::{ChildId, Millis};
+
+/// Something the driver must do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Send a message to the parent.
+    ToParent(Message),
+    /// Send a message to a child.
+    ToChild(ChildId, Message),
+    /// Close a child's connection (it broke the protocol or went silent).
+    CloseChild(ChildId),
+    /// A local request finished.
+    LocalDone(LocalId, Result<LocalReply, Status>),
+    /// The parent missed its heartbeats: drop the connection and dial again
+    /// (then call [`Node::parent_up`]).
+    ResetParent,
+}
+
+/// Counters, for `stats` and the simulation's checks.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeStats {
+    /// IO_REQUESTs received from children.
+    pub child_requests: u64,
+    /// Requests sent to the parent.
+    pub parent_requests: u64,
+    /// INVALIDATEs sent to children.
+    pub invalidates_sent: u64,
+    /// INVALIDATEs received from the parent.
+    pub invalidates_received: u64,
+    /// Local requests completed.
+    pub local_done: u64,
+    /// Chunks given back to the parent to stay under capacity.
+    pub evictions: u64,
+    /// FLUSHes sent by the sync daemon.
+    pub sync_flushes: u64,
+    /// PUSHes sent to children.
+    pub pushes_sent: u64,
+    /// ERR_REPLYs sent.
+    pub errors_sent: u64,
+    /// Dirty chunks dropped because the parent was lost (async writes).
+    pub lost_dirty: u64,
+}
+
+/// What an XID we sent stands for.
+#[derive(Debug, Clone)]
+pub(crate) enum Outstanding {
+    Connect,
+    Heartbeat {
+        sent: Millis,
+    },
+    Up {
+        chunk: u64,
+        sent: Millis,
+    },
+    Invalidate {
+        chunk: u64,
+        child: ChildId,
+        target: Perm,
+    },
+    /// A fire-and-forget release or sync-daemon FLUSH; the reply is only logged.
+    Release {
+        chunk: u64,
+    },
+}
+
+/// State of the link to the parent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Upstream {
+    /// The root has no parent.
+    None,
+    /// No transport, or not yet asked to connect.
+    Down,
+    /// Transport up; CONNECT not yet sent.
+    Idle,
+    /// CONNECT sent.
+    Connecting,
+    /// CONNECT answered.
+    Connected {
+        volume_id: u32,
+        hb_ttl_ms: u32,
+        /// The parent counts as failed after this.
+        deadline: Millis,
+    },
+}
+
+/// A connected child.
+#[derive(Debug, Clone)]
+pub(crate) struct ChildConn {
+    pub mode: WriteMode,
+    pub last_heard: Millis,
+}
+
+/// A canopy peer for one volume. See the crate docs.
+pub struct Node {
+    pub(crate) cfg: NodeConfig,
+    pub(crate) origin: Option<Box<dyn Backing>>,
+    /// Chunk size in bytes; 0 for a dataless (lock-only) volume.
+    pub(crate) chunk_size: u32,
+    pub(crate) volume_size: u64,
+    pub(crate) table: HashMap<u64, Entry>,
+    pub(crate) actions: VecDeque<Action>,
+    pub(crate) next_xid: u32,
+    pub(crate) outstanding: HashMap<u32, Outstanding>,
+    pub(crate) upstream: Upstream,
+    /// Child CONNECTs waiting for our own CONNECT to be answered.
+    pub(crate) waiting_connect: Vec<(ChildId, Message)>,
+    /// Local requests waiting for the parent connection.
+    pub(crate) waiting_local: Vec<(LocalId, crate::LocalOp)>,
+    pub(crate) children: HashMap<ChildId, ChildConn>,
+    pub(crate) tick: u64,
+    /// Eviction order: touch tick → chunk.
+    pub(crate) lru: BTreeMap<u64, u64>,
+    pub(crate) dirty: BTreeSet<u64>,
+    pub(crate) next_heartbeat: Option<Millis>,
+    pub(crate) next_sync: Option<Millis>,
+    pub(crate) stats: NodeStats,
+    /// Chunks to send ahead of a sequential reader with PUSH.
+    pub(crate) push_ahead: u32,
+}
+
+impl Node {
+    /// A root over `origin`, which holds `volume_size` bytes in chunks of
+    /// `chunk_size` (0 and no origin for a dataless lock volume).
+    pub fn new_root(
+        cfg: NodeConfig,
+        origin: Option<Box<dyn Backing>>,
+        chunk_size: u32,
+        volume_size: u64,
+    ) -> Self {
+        let mut n = Node::empty(cfg);
+        n.cfg.role = Role::Root;
+        n.origin = origin;
+        n.chunk_size = chunk_size;
+        n.volume_size = volume_size;
+        n.upstream = Upstream::None;
+        n
+    }
+
+    /// A child node; it learns the volume's geometry from its parent.
+    pub fn new_child(cfg: NodeConfig) -> Self {
+        let mut n = Node::empty(cfg);
+        n.cfg.role = Role::Child;
+        n.upstream = Upstream::Down;
+        n
+    }
+
+    fn empty(cfg: NodeConfig) -> Self {
+        Node {
+            cfg,
+            origin: None,
+            chunk_size: 0,
+            volume_size: 0,
+            table: HashMap::new(),
+            actions: VecDeque::new(),
+            next_xid: 1,
+            outstanding: HashMap::new(),
+            upstream: Upstream::Down,
+            waiting_connect: Vec::new(),
+            waiting_local: Vec::new(),
+            children: HashMap::new(),
+            tick: 0,
+            lru: BTreeMap::new(),
+            dirty: BTreeSet::new(),
+            next_heartbeat: None,
+            next_sync: None,
+            stats: NodeStats::default(),
+            push_ahead: 0,
+        }
+    }
+
+    /// Send up to `n` following chunks with PUSH after a READ grant, for
+    /// sequential readers.
+    pub fn set_push_ahead(&mut self, n: u32) {
+        self.push_ahead = n;
+    }
+
+    /// The next thing to do, if any.
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> &NodeStats {
+        &self.stats
+    }
+
+    /// Chunk size in bytes (0 until a child has connected, or for a lock volume).
+    pub fn chunk_size(&self) -> u32 {
+        self.chunk_size
+    }
+
+    /// Volume size in bytes (0 until a child has connected).
+    pub fn volume_size(&self) -> u64 {
+        self.volume_size
+    }
+
+    /// Whether this node can serve local requests (the root always; a child
+    /// once its CONNECT is answered).
+    pub fn is_ready(&self) -> bool {
+        matches!(self.upstream, Upstream::None | Upstream::Connected { .. })
+    }
+
+    /// Whether this node is the root.
+    pub fn is_root(&self) -> bool {
+        self.cfg.role == Role::Root
+    }
+
+    /// This node's configuration.
+    pub fn config(&self) -> &NodeConfig {
+        &self.cfg
+    }
+
+    /// The Block Table row for `chunk`, as of `now`.
+    pub fn inspect(&self, chunk: u64, now: Millis) -> ChunkView {
+        match self.table.get(&chunk) {
+            Some(e) => ChunkView {
+                held: self.held(e),
+                usable: self.usable(e, now) > Perm::No,
+                data: e.data.clone(),
+                dirty: e.dirty,
+                children: e.children.clone(),
+            },
+            None => ChunkView {
+                held: if self.is_root() {
+                    Perm::Write
+                } else {
+                    Perm::No
+                },
+                usable: self.is_root(),
+                data: None,
+                dirty: false,
+                children: Vec::new(),
+            },
+        }
+    }
+
+    /// Chunks with a row in the Block Table.
+    pub fn chunks(&self) -> Vec<u64> {
+        let mut v: Vec<u64> = self.table.keys().copied().collect();
+        v.sort_unstable();
+        v
+    }
+
+    /// Number of chunks in the volume (lock volumes: every u64 is a lock).
+    pub(crate) fn num_chunks(&self) -> u64 {
+        if self.chunk_size == 0 {
+            u64::MAX
+        } else {
+            self.volume_size.div_ceil(u64::from(self.chunk_size))
+        }
+    }
+
+    pub(crate) fn alloc_xid(&mut self, what: Outstanding) -> u32 {
+        let xid = self.next_xid;
+        self.next_xid = self.next_xid.wrapping_add(1).max(1);
+        self.outstanding.insert(xid, what);
+        xid
+    }
+
+    pub(crate) fn held(&self, e: &Entry) -> Perm {
+        if self.is_root() {
+            Perm::Write
+        } else {
+            e.held
+        }
+    }
+
+    /// The permission we may act on now: `held`, unless its TTL ran out.
+    pub(crate) fn usable(&self, e: &Entry, now: Millis) -> Perm {
+        if self.is_root() {
+            return Perm::Write;
+        }
+        match e.expiry {
+            Some(x) if x > now => e.held,
+            _ => Perm::No,
+        }
+    }
+
+    /// Remaining TTL to give a child for a grant made now.
+    pub(crate) fn ttl_for_child(&self, e: &Entry, now: Millis) -> u32 {
+        if self.is_root() {
+            return self.cfg.grant_ttl_ms;
+        }
+        let left = e.expiry.unwrap_or(now).saturating_sub(now);
+        u32::try_from(left).unwrap_or(u32::MAX)
+    }
+
+    pub(crate) fn parent_volume_id(&self) -> Option<u32> {
+        match self.upstream {
+            Upstream::Connected { volume_id, .. } => Some(volume_id),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn send_parent(&mut self, m: Message) {
+        self.actions.push_back(Action::ToParent(m));
+    }
+
+    pub(crate) fn send_child(&mut self, child: ChildId, m: Message) {
+        if m.header.opcode == Opcode::ErrReply {
+            self.stats.errors_sent += 1;
+        }
+        self.actions.push_back(Action::ToChild(child, m));
+    }
+
+    pub(crate) fn local_done(&mut self, id: LocalId, r: Result<LocalReply, Status>) {
+        self.stats.local_done += 1;
+        self.actions.push_back(Action::LocalDone(id, r));
+    }
+
+    pub(crate) fn touch(&mut self, chunk: u64) {
+        self.tick += 1;
+        let tick = self.tick;
+        if let Some(e) = self.table.get_mut(&chunk) {
+            if e.touched != 0 {
+                self.lru.remove(&e.touched);
+            }
+            e.touched = tick;
+            e.recently_used = true;
+            self.lru.insert(tick, chunk);
+        }
+    }
+
+    /// The chunk's current contents: our copy, or the root's origin.
+    pub(crate) fn read_data(&mut self, chunk: u64) -> Result<Bytes, Status> {
+        if let Some(d) = self.table.get(&chunk).and_then(|e| e.data.clone()) {
+            return Ok(d);
+        }
+        if self.is_root() {
+            let size = self.chunk_size as usize;
+            if size == 0 {
+                return Ok(Bytes::new());
+            }
+            let mut buf = BytesMut::zeroed(size);
+            let origin = self.origin.as_ref().ok_or(Status::IoError)?;
+            if let Err(e) = origin.read_chunk(chunk, &mut buf) {
+                tracing::error!(chunk, error = %e, "origin read failed");
+                return Err(Status::IoError);
+            }
+            return Ok(buf.freeze());
+        }
+        // A child with a usable grant always has data; reaching here is a bug
+        // in the table, answered as an I/O error rather than a panic.
+        tracing::error!(chunk, "no data for a held chunk");
+        Err(Status::IoError)
+    }
+
+    /// Store `data` as the chunk's newest contents at this node: the root
+    /// writes its origin, a child marks its copy dirty.
+    pub(crate) fn store_data(&mut self, chunk: u64, data: Bytes, sync: bool) -> Result<(), Status> {
+        if self.is_root() {
+            if let Some(origin) = self.origin.as_ref() {
+                if let Err(e) = origin.write_chunk(chunk, &data) {
+                    tracing::error!(chunk, error = %e, "origin write failed");
+                    return Err(Status::IoError);
+                }
+                if sync {
+                    if let Err(e) = origin.sync() {
+                        tracing::error!(error = %e, "origin sync failed");
+                        return Err(Status::IoError);
+                    }
+                }
+            }
+            return Ok(());
+        }
+        if let Some(e) = self.table.get_mut(&chunk) {
+            e.data = Some(data);
+            e.dirty = true;
+            self.dirty.insert(chunk);
+        }
+        Ok(())
+    }
+
+    pub(crate) fn origin_sync(&mut self) -> Result<(), Status> {
+        if let Some(origin) = self.origin.as_ref() {
+            if let Err(e) = origin.sync() {
+                tracing::error!(error = %e, "origin sync failed");
+                return Err(Status::IoError);
+            }
+        }
+        Ok(())
+    }
+
+    pub(crate) fn clear_dirty(&mut self, chunk: u64) {
+        if let Some(e) = self.table.get_mut(&chunk) {
+            e.dirty = false;
+            e.sync_aged = false;
+        }
+        self.dirty.remove(&chunk);
+    }
+
+    /// Drop our copy and permission (answering the parent or giving back).
+    pub(crate) fn drop_copy(&mut self, chunk: u64) {
+        if let Some(e) = self.table.get_mut(&chunk) {
+            e.held = Perm::No;
+            e.data = None;
+            e.dirty = false;
+            e.sync_aged = false;
+            e.expiry = None;
+            e.forward_duty = false;
+        }
+        self.dirty.remove(&chunk);
+    }
+
+    /// Serve what can be served on `chunk`; stop at the first wait.
+    pub(crate) fn run(&mut self, chunk: u64, now: Millis) {
+        // Bounded: every pass either returns or pops something.
+        loop {
+            let Some(e) = self.table.get(&chunk) else {
+                return;
+            };
+            if !e.recall.is_empty() {
+                return;
+            }
+            if let Some(&(xid, target)) = e.parent_inval.front() {
+                if !self.answer_parent_invalidate(chunk, xid, target) {
+                    return;
+                }
+                continue;
+            }
+            if e.up.is_some() {
+                return;
+            }
+            if e.queue.is_empty() {
+                self.forget_if_idle(chunk);
+                return;
+            }
+            match self.step(chunk, now) {
+                Step::Wait => return,
+                Step::Done => {
+                    if let Some(e) = self.table.get_mut(&chunk) {
+                        e.queue.pop_front();
+                    }
+                }
+            }
+        }
+    }
+
+    pub(crate) fn forget_if_idle(&mut self, chunk: u64) {
+        if self.table.get(&chunk).is_some_and(Entry::is_idle) {
+            if let Some(e) = self.table.remove(&chunk) {
+                self.lru.remove(&e.touched);
+            }
+        }
+    }
+
+    /// Children (other than `except`) whose permission is above `target`.
+    fn conflicts(e: &Entry, except: Option<ChildId>, target: Perm) -> Vec<ChildId> {
+        e.children
+            .iter()
+            .filter(|(c, p)| Some(*c) != except && *p > target)
+            .map(|(c, _)| *c)
+            .collect()
+    }
+
+    /// INVALIDATE every child in `victims` down to `target`.
+    pub(crate) fn start_recall(&mut self, chunk: u64, victims: Vec<ChildId>, target: Perm) {
+        let mut sent = Vec::with_capacity(victims.len());
+        for child in victims {
+            let xid = self.alloc_xid(Outstanding::Invalidate {
+                chunk,
+                child,
+                target,
+            });
+            let mut m = Message::new(Opcode::Invalidate, xid);
+            m.params.volume_id = Some(self.cfg.child_volume_id);
+            m.params.block_num = Some(chunk);
+            m.params.permissions = Some(target);
+            self.stats.invalidates_sent += 1;
+            self.send_child(child, m);
+            sent.push((child, xid));
+        }
+        if let Some(e) = self.table.get_mut(&chunk) {
+            e.recall.extend(sent);
+        }
+    }
+
+    /// Handle the parent's INVALIDATE at the head; false if it must wait.
+    fn answer_parent_invalidate(&mut self, chunk: u64, xid: u32, target: Perm) -> bool {
+        let Some(e) = self.table.get(&chunk) else {
+            return true;
+        };
+        // A local lock holds the chunk: the lock's owner releases first.
+        if e.pinned > target {
+            return false;
+        }
+        let victims = Self::conflicts(e, None, target);
+        if !victims.is_empty() {
+            self.start_recall(chunk, victims, target);
+            return false;
+        }
+        let keep = e.held.min(target);
+        let mut reply = Message::new(Opcode::OkReply, xid);
+        reply.params.permissions = Some(keep);
+        if e.dirty && e.held == Perm::Write {
+            reply.params.data = e.data.clone();
+        }
+        if let Some(v) = self.parent_volume_id() {
+            reply.params.volume_id = Some(v);
+            reply.params.block_num = Some(chunk);
+        }
+        if let Some(e) = self.table.get_mut(&chunk) {
+            e.parent_inval.pop_front();
+        }
+        self.clear_dirty(chunk);
+        if keep == Perm::No {
+            self.drop_copy(chunk);
+        } else if let Some(e) = self.table.get_mut(&chunk) {
+            e.held = keep;
+        }
+        self.send_parent(reply);
+        true
+    }
+
+    /// One step of the head request.
+    fn step(&mut self, chunk: u64, now: Millis) -> Step {
+        let Some(e) = self.table.get(&chunk) else {
+            return Step::Done;
+        };
+        let Some(head) = e.queue.front() else {
+            return Step::Done;
+        };
+        let from = head.from.clone();
+        let req = head.req.clone();
+        let (applied, propagated) = (head.applied, head.propagated);
+        let requester = match from {
+            Requester::Child { child, .. } => Some(child),
+            Requester::Local(_) => None,
+        };
+
+        // Requests that need no permission of ours.
+        match &req {
+            Req::PassUp { sync, keep } => {
+                return self.step_pass_up(chunk, &from, *sync, *keep, propagated)
+            }
+            Req::Forward => return self.step_forward(chunk, &from, propagated),
+            _ => {}
+        }
+
+        let need = match &req {
+            Req::Grant { want, .. } => *want,
+            Req::Put { .. } | Req::Write { .. } => Perm::Write,
+            Req::Read => Perm::Read,
+            Req::Lock { perm } => *perm,
+            Req::PassUp { .. } | Req::Forward => Perm::No,
+        };
+
+        // A write whose data already went as far as it must is never
+        // applied again. If we still hold the permission, children with the
+        // old contents are recalled first, so nobody reads them after the
+        // reply; otherwise an INVALIDATE already did that.
+        if applied && propagated {
+            // `held`, not `usable`: recalling is about coherence, and an
+            // expired TTL does not make a child's older dirty copy go away.
+            if self.held(e) >= need {
+                let target = if need == Perm::Write {
+                    Perm::No
+                } else {
+                    Perm::Read
+                };
+                let victims = Self::conflicts(e, requester, target);
+                if !victims.is_empty() {
+                    self.start_recall(chunk, victims, target);
+                    return Step::Wait;
+                }
+            }
+            return self.finish_write(chunk, &from, &req, now);
+        }
+
+        if self.usable(e, now) < need {
+            return self.acquire(chunk, &req, need, now);
+        }
+
+        let target = if need == Perm::Write {
+            Perm::No
+        } else {
+            Perm::Read
+        };
+        let victims = Self::conflicts(e, requester, target);
+        if !victims.is_empty() {
+            self.start_recall(chunk, victims, target);
+            return Step::Wait;
+        }
+        // A local lock held by our own user also conflicts with a child.
+        if requester.is_some() && e.pinned > target {
+            return Step::Wait;
+        }
+
+        match req {
+            Req::Grant { want, lock } => {
+                // GET always carries data; an upgrading LOCK only if the child
+                // lost its copy while the request waited.
+                let with_data = !lock
+                    || requester.is_some_and(|c| {
+                        self.table
+                            .get(&chunk)
+                            .is_some_and(|e| e.child_perm(c) == Perm::No)
+                    });
+                self.grant_child(chunk, &from, want, with_data, now);
+                Step::Done
+            }
+            Req::Read => {
+                let r = self.read_data(chunk).map(LocalReply::Data);
+                if let Requester::Local(id) = from {
+                    self.local_done(id, r);
+                }
+                Step::Done
+            }
+            Req::Lock { perm } => {
+                if let Some(e) = self.table.get_mut(&chunk) {
+                    e.pinned = perm;
+                }
+                if let Requester::Local(id) = from {
+                    self.local_done(id, Ok(LocalReply::Done));
+                }
+                Step::Done
+            }
+            Req::Put { .. } | Req::Write { .. } => self.apply_write(chunk, &from, &req, now),
+            Req::PassUp { .. } | Req::Forward => Step::Done,
+        }
+    }
+
+    /// Ask the parent for `need` on behalf of the head request.
+    fn acquire(&mut self, chunk: u64, req: &Req, need: Perm, now: Millis) -> Step {
+        let Some(volume_id) = self.parent_volume_id() else {
+            // Not connected: the request fails rather than waiting forever.
+            self.fail_head(chunk, Status::ParentUnavailable);
+            return Step::Done;
+        };
+        let Some(e) = self.table.get(&chunk) else {
+            return Step::Done;
+        };
+        // An expired grant's copy may be stale, unless it is dirty: then it
+        // is the newest there is.
+        let has_data = e.data.is_some() && (self.usable(e, now) >= Perm::Read || e.dirty);
+        let full = self.chunk_size as usize;
+        let (op, kind, data, sync) = match req {
+            Req::Put {
+                data, sync: true, ..
+            } => (IoOp::Put, UpKind::Put, Some(data.clone()), true),
+            Req::Write {
+                offset: 0,
+                data,
+                sync,
+                semi,
+            } if data.len() == full && (*sync || *semi) => {
+                (IoOp::Put, UpKind::Put, Some(data.clone()), *sync)
+            }
+            _ if need == Perm::Write && has_data && e.held >= Perm::Read => {
+                (IoOp::Lock, UpKind::Acquire, None, false)
+            }
+            _ => (IoOp::Get, UpKind::Acquire, None, false),
+        };
+        let hops = match e.queue.front() {
+            Some(Pending {
+                from:
+                    Requester::Child {
+                        hops_left,
+                        originator,
+                        ..
+                    },
+                ..
+            }) => Some((hops_left.saturating_sub(1), *originator)),
+            _ => None,
+        };
+        let xid = self.alloc_xid(Outstanding::Up { chunk, sent: now });
+        let mut m = Message::new(Opcode::IoRequest, xid);
+        if sync {
+            m.header.flags = m.header.flags.with(Flags::FORCE_SYNC);
+        }
+        if let Some((hops_left, originator)) = hops {
+            m.header.hops_left = hops_left;
+            m.header.originator = originator;
+        }
+        m.params.io_op = Some(op);
+        m.params.volume_id = Some(volume_id);
+        m.params.block_num = Some(chunk);
+        m.params.permissions = Some(need);
+        m.params.data = data;
+        if let Some(e) = self.table.get_mut(&chunk) {
+            e.up = Some((xid, kind));
+        }
+        self.stats.parent_requests += 1;
+        self.send_parent(m);
+        Step::Wait
+    }
+
+    fn grant_child(
+        &mut self,
+        chunk: u64,
+        from: &Requester,
+        want: Perm,
+        with_data: bool,
+        now: Millis,
+    ) {
+        let Requester::Child { child, xid, .. } = *from else {
+            return;
+        };
+        let data = if with_data {
+            match self.read_data(chunk) {
+                Ok(d) => Some(d),
+                Err(s) => {
+                    self.send_child(child, Message::err_reply(xid, s));
+                    return;
+                }
+            }
+        } else {
+            None
+        };
+        let Some(e) = self.table.get_mut(&chunk) else {
+            return;
+        };
+        // A grant renews, never lowers: a child that re-asks after its TTL ran
+        // out may still have a subtree holding what it was given.
+        let want = want.max(e.child_perm(child));
+        e.set_child(child, want);
+        let ttl = self.ttl_for_child(self.table.get(&chunk).unwrap_or(&Entry::default()), now);
+        let mut m = Message::new(Opcode::OkReply, xid);
+        m.params.volume_id = Some(self.cfg.child_volume_id);
+        m.params.block_num = Some(chunk);
+        m.params.permissions = Some(want);
+        m.params.ttl_ms = Some(ttl);
+        if let Some(Upstream::Connected { hb_ttl_ms, .. }) = Some(&self.upstream) {
+            m.params.hb_ttl_ms = Some(*hb_ttl_ms);
+        } else if self.is_root() {
+            m.params.hb_ttl_ms = Some(self.cfg.hb_ttl_ms);
+        }
+        if self.chunk_size > 0 {
+            m.params.data = data;
+        }
+        self.send_child(child, m);
+        if want == Perm::Read {
+            self.push_following(child, chunk, now);
+        }
+    }
+
+    /// Read-ahead: PUSH the next chunks to a child that just read this one.
+    fn push_following(&mut self, child: ChildId, chunk: u64, now: Millis) {
+        for k in 1..=u64::from(self.push_ahead) {
+            let Some(next) = chunk.checked_add(k) else {
+                break;
+            };
+            if next >= self.num_chunks() || self.chunk_size == 0 {
+                break;
+            }
+            let e = self.table.entry(next).or_default();
+            if e.is_busy() || e.child_perm(child) != Perm::No || e.child_writer().is_some() {
+                continue;
+            }
+            let e = &self.table[&next];
+            if self.usable(e, now) < Perm::Read {
+                self.forget_if_idle(next);
+                continue;
+            }
+            let Ok(data) = self.read_data(next) else {
+                continue;
+            };
+            let ttl = self.ttl_for_child(&self.table[&next], now);
+            if let Some(e) = self.table.get_mut(&next) {
+                e.set_child(child, Perm::Read);
+            }
+            let xid = self.alloc_xid(Outstanding::Release { chunk: next });
+            let mut m = Message::new(Opcode::Push, xid);
+            m.params.volume_id = Some(self.cfg.child_volume_id);
+            m.params.block_num = Some(next);
+            m.params.permissions = Some(Perm::Read);
+            m.params.data = Some(data);
+            m.params.ttl_ms = Some(ttl);
+            // A PUSH has no reply; the XID only names it in traces.
+            self.outstanding.remove(&xid);
+            self.stats.pushes_sent += 1;
+            self.send_child(child, m);
+        }
+    }
+
+    /// Apply a PUT or local write once we hold WRITE and nothing conflicts.
+    fn apply_write(&mut self, chunk: u64, from: &Requester, req: &Req, now: Millis) -> Step {
+        let (sync, semi) = match req {
+            Req::Put { sync, .. } => (*sync, false),
+            Req::Write { sync, semi, .. } => (*sync, *semi),
+            _ => (false, false),
+        };
+        let applied = self
+            .table
+            .get(&chunk)
+            .and_then(|e| e.queue.front())
+            .is_some_and(|p| p.applied);
+        if !applied {
+            let new = match req {
+                Req::Put { data, .. } => Ok(data.clone()),
+                Req::Write { offset, data, .. } => self.merge(chunk, *offset, data),
+                _ => Ok(Bytes::new()),
+            };
+            let stored = new.and_then(|d| self.store_data(chunk, d, sync));
+            if let Err(s) = stored {
+                self.answer(from, Err(s));
+                return Step::Done;
+            }
+            if let Some(p) = self.table.get_mut(&chunk).and_then(|e| e.queue.front_mut()) {
+                p.applied = true;
+                // The root's origin is as far as data goes.
+                p.propagated = self.cfg.role == Role::Root || !(sync || semi);
+            }
+            if let Some(e) = self.table.get_mut(&chunk) {
+                e.forward_duty = false;
+            }
+        }
+        let propagated = self
+            .table
+            .get(&chunk)
+            .and_then(|e| e.queue.front())
+            .is_some_and(|p| p.propagated);
+        if propagated {
+            return self.finish_write(chunk, from, req, now);
+        }
+        // Send it up now: sync to the root, semi-sync to the parent only.
+        if !self.flush_up(chunk, sync, Perm::Write, now) {
+            return Step::Done;
+        }
+        if let Some(e) = self.table.get_mut(&chunk) {
+            e.forward_duty = semi && !sync;
+            if let Some(p) = e.queue.front_mut() {
+                p.propagated = true;
+            }
+        }
+        Step::Wait
+    }
+
+    /// Merge a partial local write into our copy.
+    fn merge(&mut self, chunk: u64, offset: u32, data: &Bytes) -> Result<Bytes, Status> {
+        let size = self.chunk_size as usize;
+        let off = offset as usize;
+        let end = off.checked_add(data.len()).ok_or(Status::OutOfRange)?;
+        if end > size {
+            return Err(Status::OutOfRange);
+        }
+        if off == 0 && data.len() == size {
+            return Ok(data.clone());
+        }
+        let old = self.read_data(chunk)?;
+        let mut buf = BytesMut::with_capacity(size);
+        buf.extend_from_slice(&old);
+        buf.resize(size, 0);
+        buf[off..end].copy_from_slice(data);
+        Ok(buf.freeze())
+    }
+
+    /// Send our copy (or, if clean, a barrier) up as the head request's FLUSH.
+    /// False when there is no parent to send to (the head has been failed).
+    fn flush_up(&mut self, chunk: u64, sync: bool, keep: Perm, now: Millis) -> bool {
+        let Some(volume_id) = self.parent_volume_id() else {
+            self.fail_head(chunk, Status::ParentUnavailable);
+            return false;
+        };
+        let Some(e) = self.table.get(&chunk) else {
+            return false;
+        };
+        let data = if e.dirty && e.held == Perm::Write {
+            e.data.clone()
+        } else {
+            None
+        };
+        let keep = keep.min(e.held);
+        let xid = self.alloc_xid(Outstanding::Up { chunk, sent: now });
+        let mut m = Message::new(Opcode::IoRequest, xid);
+        if sync {
+            m.header.flags = m.header.flags.with(Flags::FORCE_SYNC);
+        }
+        m.params.io_op = Some(IoOp::Flush);
+        m.params.volume_id = Some(volume_id);
+        m.params.block_num = Some(chunk);
+        m.params.permissions = Some(keep);
+        m.params.data = data;
+        if let Some(e) = self.table.get_mut(&chunk) {
+            e.up = Some((xid, UpKind::Flush));
+        }
+        // The parent applies a FLUSH from a WRITE holder on arrival, so the
+        // data is its business from here: a crossing INVALIDATE needs no copy.
+        self.clear_dirty(chunk);
+        self.stats.parent_requests += 1;
+        self.send_parent(m);
+        true
+    }
+
+    /// Reply to a write whose data is where its mode needs it.
+    fn finish_write(&mut self, chunk: u64, from: &Requester, req: &Req, now: Millis) -> Step {
+        match *from {
+            Requester::Local(id) => self.local_done(id, Ok(LocalReply::Done)),
+            Requester::Child { child, xid, .. } => {
+                let want = match req {
+                    Req::Put { want, .. } => *want,
+                    _ => Perm::No,
+                };
+                // If an INVALIDATE took our permission while the data went up,
+                // the write still stands but the child gets nothing new. What
+                // it already holds stays recorded (a reply never lowers a
+                // record, or its own children would outlive it), but with a
+                // zero TTL so it renews before using it.
+                let fresh = match self.table.get(&chunk) {
+                    Some(e)
+                        if self.usable(e, now) >= want
+                            && Self::conflicts(
+                                e,
+                                Some(child),
+                                if want == Perm::Write {
+                                    Perm::No
+                                } else {
+                                    Perm::Read
+                                },
+                            )
+                            .is_empty() =>
+                    {
+                        want
+                    }
+                    _ => Perm::No,
+                };
+                let record = self
+                    .table
+                    .get(&chunk)
+                    .map_or(Perm::No, |e| e.child_perm(child));
+                let granted = fresh.max(record);
+                let ttl = if fresh >= granted {
+                    self.table
+                        .get(&chunk)
+                        .map_or(0, |e| self.ttl_for_child(e, now))
+                } else {
+                    0
+                };
+                if let Some(e) = self.table.get_mut(&chunk) {
+                    e.set_child(child, granted);
+                }
+                let mut m = Message::new(Opcode::OkReply, xid);
+                m.params.volume_id = Some(self.cfg.child_volume_id);
+                m.params.block_num = Some(chunk);
+                m.params.permissions = Some(granted);
+                m.params.ttl_ms = Some(ttl);
+                self.send_child(child, m);
+            }
+        }
+        Step::Done
+    }
+
+    fn step_pass_up(
+        &mut self,
+        chunk: u64,
+        from: &Requester,
+        sync: bool,
+        keep: Perm,
+        propagated: bool,
+    ) -> Step {
+        if self.is_root() {
+            let r = if sync { self.origin_sync() } else { Ok(()) };
+            self.answer(from, r.map(|()| LocalReply::Done));
+            return Step::Done;
+        }
+        let dirty = self
+            .table
+            .get(&chunk)
+            .is_some_and(|e| e.dirty && e.held == Perm::Write);
+        // Not sync and nothing newer than the parent's: nothing to send.
+        if propagated || (!sync && !dirty) {
+            self.answer(from, Ok(LocalReply::Done));
+            return Step::Done;
+        }
+        let held = self.table.get(&chunk).map_or(Perm::No, |e| e.held);
+        // Keep less only if no child still relies on more.
+        let floor = self.table.get(&chunk).map_or(Perm::No, |e| {
+            e.children.iter().map(|(_, p)| *p).max().unwrap_or(Perm::No)
+        });
+        if !self.flush_up(chunk, sync, keep.max(floor).min(held), 0) {
+            return Step::Done;
+        }
+        if let Some(e) = self.table.get_mut(&chunk) {
+            if e.held > keep.max(floor) {
+                e.held = keep.max(floor);
+            }
+            if let Some(p) = e.queue.front_mut() {
+                p.propagated = true;
+            }
+        }
+        Step::Wait
+    }
+
+    fn step_forward(&mut self, chunk: u64, from: &Requester, propagated: bool) -> Step {
+        let dirty = self
+            .table
+            .get(&chunk)
+            .is_some_and(|e| e.dirty && e.held == Perm::Write);
+        if self.is_root() || propagated || !dirty {
+            self.answer(from, Ok(LocalReply::Done));
+            return Step::Done;
+        }
+        let keep = self.table.get(&chunk).map_or(Perm::No, |e| e.held);
+        if !self.flush_up(chunk, false, keep, 0) {
+            return Step::Done;
+        }
+        if let Some(p) = self.table.get_mut(&chunk).and_then(|e| e.queue.front_mut()) {
+            p.propagated = true;
+        }
+        Step::Wait
+    }
+
+    /// Answer a request that carries no chunk contents back.
+    pub(crate) fn answer(&mut self, from: &Requester, r: Result<LocalReply, Status>) {
+        match *from {
+            Requester::Local(id) => self.local_done(id, r),
+            Requester::Child { child, xid, .. } => {
+                let m = match r {
+                    Ok(_) => Message::new(Opcode::OkReply, xid),
+                    Err(s) => Message::err_reply(xid, s),
+                };
+                self.send_child(child, m);
+            }
+        }
+    }
+
+    /// Fail the head request with `status`.
+    pub(crate) fn fail_head(&mut self, chunk: u64, status: Status) {
+        let Some(e) = self.table.get(&chunk) else {
+            return;
+        };
+        let Some(head) = e.queue.front() else { return };
+        let from = head.from.clone();
+        self.answer(&from, Err(status));
+    }
+}
+
+/// What one step of a request did.
+pub(crate) enum Step {
+    /// It waits for a reply; nothing more on this chunk until then.
+    Wait,
+    /// It finished (successfully or not); pop it.
+    Done,
+}

@@ -1,0 +1,277 @@
+//! Time and local access: heartbeats, the sync daemon, eviction, and the
+//! entry point for local requests.
+
+use canopy_proto::{IoOp, Message, Opcode, Perm, Status};
+
+use crate::config::{Role, WriteMode};
+use crate::entry::{Pending, Req, Requester};
+use crate::local::{LocalId, LocalOp, LocalReply};
+use crate::node::{Action, Node, Outstanding, Upstream};
+use crate::Millis;
+
+impl Node {
+    /// When the driver should next call [`Node::handle_timeout`].
+    pub fn poll_timeout(&self) -> Option<Millis> {
+        let mut t: Option<Millis> = None;
+        let mut consider = |x: Option<Millis>| {
+            if let Some(x) = x {
+                t = Some(t.map_or(x, |t| t.min(x)));
+            }
+        };
+        consider(self.next_heartbeat);
+        if !self.dirty.is_empty() {
+            consider(self.next_sync);
+        }
+        if !self.children.is_empty() {
+            let grace = 3 * u64::from(self.cfg.hb_ttl_ms);
+            consider(self.children.values().map(|c| c.last_heard + grace).min());
+        }
+        t
+    }
+
+    /// Fire whatever timers are due at `now`.
+    pub fn handle_timeout(&mut self, now: Millis) {
+        self.heartbeat_due(now);
+        self.children_silence(now);
+        self.sync_daemon(now);
+    }
+
+    fn heartbeat_due(&mut self, now: Millis) {
+        let Upstream::Connected {
+            deadline,
+            hb_ttl_ms,
+            ..
+        } = self.upstream
+        else {
+            return;
+        };
+        if now >= deadline {
+            tracing::error!("parent missed its heartbeats; treating it as failed");
+            self.actions.push_back(Action::ResetParent);
+            self.parent_down(now);
+            return;
+        }
+        if self.next_heartbeat.is_some_and(|t| now >= t) {
+            let pending = self
+                .outstanding
+                .values()
+                .any(|o| matches!(o, Outstanding::Heartbeat { .. }));
+            if !pending {
+                let xid = self.alloc_xid(Outstanding::Heartbeat { sent: now });
+                self.send_parent(Message::new(Opcode::Heartbeat, xid));
+            }
+            self.next_heartbeat = Some(now + u64::from(hb_ttl_ms / 3).max(1));
+        }
+    }
+
+    /// Children that stopped heartbeating are dropped, so their grants can
+    /// no longer block writers elsewhere.
+    fn children_silence(&mut self, now: Millis) {
+        let grace = 3 * u64::from(self.cfg.hb_ttl_ms);
+        let mut silent: Vec<_> = self
+            .children
+            .iter()
+            .filter(|(_, c)| c.last_heard + grace <= now)
+            .map(|(id, _)| *id)
+            .collect();
+        silent.sort_unstable();
+        for child in silent {
+            tracing::warn!(child, "child silent past its heartbeat; closing it");
+            self.actions.push_back(Action::CloseChild(child));
+            self.child_gone(child, now);
+        }
+    }
+
+    /// The sync daemon (seed example 4): send dirty chunks up, and give up
+    /// the permission on those not used since the last pass, in the same FLUSH.
+    fn sync_daemon(&mut self, now: Millis) {
+        if self.cfg.role == Role::Root {
+            return;
+        }
+        let Some(due) = self.next_sync else {
+            self.next_sync = Some(now + self.cfg.sync_interval_ms);
+            return;
+        };
+        if now < due {
+            return;
+        }
+        self.next_sync = Some(now + self.cfg.sync_interval_ms);
+        if self.parent_volume_id().is_none() {
+            return;
+        }
+        let dirty: Vec<u64> = self.dirty.iter().copied().collect();
+        for chunk in dirty {
+            let Some(e) = self.table.get_mut(&chunk) else {
+                continue;
+            };
+            if e.is_busy() || e.held != Perm::Write || e.pinned != Perm::No {
+                continue;
+            }
+            // Write-behind: a chunk goes up once it has been dirty for a
+            // whole interval, so dirty data is at most two intervals old and
+            // a chunk being rewritten is not sent up on every pass.
+            if !e.sync_aged {
+                e.sync_aged = true;
+                e.recently_used = false;
+                continue;
+            }
+            let give_up = !e.recently_used && e.children.is_empty();
+            e.recently_used = false;
+            self.stats.sync_flushes += 1;
+            self.send_release(chunk, if give_up { Perm::No } else { Perm::Write });
+        }
+    }
+
+    /// Send our copy up without waiting (sync daemon, eviction), keeping
+    /// `keep`. A dirty copy goes as FLUSH, a clean one as LOCK.
+    pub(crate) fn send_release(&mut self, chunk: u64, keep: Perm) {
+        let Some(volume_id) = self.parent_volume_id() else {
+            return;
+        };
+        let Some(e) = self.table.get(&chunk) else {
+            return;
+        };
+        let data = if e.dirty && e.held == Perm::Write {
+            e.data.clone()
+        } else {
+            None
+        };
+        let forward = keep == Perm::No && e.forward_duty;
+        let held = e.held;
+        if data.is_none() && keep >= held {
+            return;
+        }
+        let xid = self.alloc_xid(Outstanding::Release { chunk });
+        let mut m = Message::new(Opcode::IoRequest, xid);
+        m.params.io_op = Some(if data.is_some() {
+            IoOp::Flush
+        } else {
+            IoOp::Lock
+        });
+        m.params.volume_id = Some(volume_id);
+        m.params.block_num = Some(chunk);
+        m.params.permissions = Some(keep.min(held));
+        m.params.data = data;
+        self.send_parent(m);
+        if forward {
+            // Semi-sync duty: the data must stay in two places once we drop it.
+            let xid = self.alloc_xid(Outstanding::Release { chunk });
+            let mut f = Message::new(Opcode::Forward, xid);
+            f.params.volume_id = Some(volume_id);
+            f.params.block_num = Some(chunk);
+            self.send_parent(f);
+        }
+        if keep == Perm::No {
+            self.drop_copy(chunk);
+            self.forget_if_idle(chunk);
+        } else {
+            self.clear_dirty(chunk);
+            if let Some(e) = self.table.get_mut(&chunk) {
+                e.held = e.held.min(keep);
+            }
+        }
+    }
+
+    /// Give chunks back to the parent, least recently used first, until we
+    /// keep at most `capacity_chunks` with data.
+    pub(crate) fn maybe_evict(&mut self, _now: Millis) {
+        if self.cfg.role == Role::Root {
+            return;
+        }
+        let held = self.table.values().filter(|e| e.data.is_some()).count();
+        let mut excess = held.saturating_sub(self.cfg.capacity_chunks);
+        if excess == 0 {
+            return;
+        }
+        let order: Vec<u64> = self.lru.values().copied().collect();
+        for chunk in order {
+            if excess == 0 {
+                break;
+            }
+            let Some(e) = self.table.get(&chunk) else {
+                continue;
+            };
+            if e.data.is_none() || e.is_busy() || !e.children.is_empty() || e.pinned != Perm::No {
+                continue;
+            }
+            self.stats.evictions += 1;
+            self.send_release(chunk, Perm::No);
+            if self.table.get(&chunk).is_some_and(|e| e.data.is_some()) {
+                // Not connected: nothing can be given back now.
+                break;
+            }
+            excess -= 1;
+        }
+    }
+
+    /// A local request (the ublk device, a lock client, a test).
+    pub fn local(&mut self, id: LocalId, op: LocalOp, now: Millis) {
+        if !self.is_ready() {
+            if self.upstream == Upstream::Idle {
+                self.send_connect();
+            }
+            if self.upstream == Upstream::Down {
+                self.local_done(id, Err(Status::ParentUnavailable));
+            } else {
+                self.waiting_local.push((id, op));
+            }
+            return;
+        }
+        let chunk = op.chunk();
+        if chunk >= self.num_chunks() {
+            self.local_done(id, Err(Status::OutOfRange));
+            return;
+        }
+        let sync_mode = self.cfg.write_mode == WriteMode::Sync;
+        let req = match op {
+            LocalOp::Read { .. } => Req::Read,
+            LocalOp::Write {
+                offset,
+                data,
+                force_sync,
+                ..
+            } => {
+                let end = (offset as usize).checked_add(data.len());
+                if !end.is_some_and(|end| end <= self.chunk_size as usize) {
+                    self.local_done(id, Err(Status::OutOfRange));
+                    return;
+                }
+                Req::Write {
+                    offset,
+                    data,
+                    sync: sync_mode || force_sync,
+                    semi: self.cfg.write_mode == WriteMode::SemiSync,
+                }
+            }
+            LocalOp::Lock { perm: Perm::No, .. } => {
+                // Release: unpin, answer any INVALIDATE that waited for it,
+                // and give the chunk back so the next locker need not wait
+                // for an INVALIDATE round trip.
+                if let Some(e) = self.table.get_mut(&chunk) {
+                    e.pinned = Perm::No;
+                }
+                self.run(chunk, now);
+                if self
+                    .table
+                    .get(&chunk)
+                    .is_some_and(|e| !e.is_busy() && e.children.is_empty())
+                {
+                    self.send_release(chunk, Perm::No);
+                }
+                self.local_done(id, Ok(LocalReply::Done));
+                return;
+            }
+            LocalOp::Lock { perm, .. } => Req::Lock { perm },
+        };
+        let e = self.table.entry(chunk).or_default();
+        e.queue.push_back(Pending {
+            from: Requester::Local(id),
+            req,
+            applied: false,
+            propagated: false,
+        });
+        self.touch(chunk);
+        self.run(chunk, now);
+        self.maybe_evict(now);
+    }
+}

@@ -1,0 +1,743 @@
+//! Deterministic simulation of a canopy tree.
+//!
+//! One root, two levels of proxies and four leaves exchange real encoded
+//! messages over FIFO links. A seeded scheduler picks, at every step, which
+//! link delivers its next message, which leaf starts a read, write or lock,
+//! and how far the clock moves (so TTLs expire and the sync daemon runs).
+//! After every step the invariants of issue 3 are checked:
+//! (i) permissions: at each node a child holding WRITE excludes every other
+//!     child; a child never holds more than its parent records for it;
+//! (ii) every read returns the latest write completed before it started or
+//!     one concurrent with it (per 8-byte register), and reads never go back
+//!     in time;
+//! (iii) an acknowledged sync write is at the root when acknowledged, and
+//!     after the run every final value is at the root;
+//! (iv) with the scheduler made fair at the end, every request completes.
+//! Locks on a dedicated chunk are checked for mutual exclusion.
+//!
+//! `SIM_SEEDS=N` runs N seeds from `SIM_FIRST` (default 0; N defaults to
+//! 3000); `SIM_SEED=S` replays one
+//! seed and prints its trace. A failure names its seed.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use canopy_cache::Backing;
+use canopy_node::{Action, LocalId, LocalOp, LocalReply, Node, NodeConfig, Role, WriteMode};
+use canopy_proto::{decode, encode_to_vec, Message, Perm};
+
+const CHUNK: usize = 16;
+const CHUNKS: u64 = 5;
+/// Chunk 4 is a lock, never read or written.
+const LOCK_CHUNK: u64 = 4;
+const STEPS: usize = 1500;
+const QUIESCE_STEPS: usize = 200_000;
+
+/// xorshift64*: tiny, deterministic, good enough for scheduling.
+struct Rng(u64);
+impl Rng {
+    fn new(seed: u64) -> Self {
+        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
+    }
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n.max(1)
+    }
+    fn chance(&mut self, percent: u64) -> bool {
+        self.below(100) < percent
+    }
+}
+
+/// The root's store, shared with the checker.
+#[derive(Clone)]
+struct MemOrigin(Arc<Mutex<Vec<u8>>>);
+impl Backing for MemOrigin {
+    fn read_chunk(&self, chunk: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        let v = self.0.lock().unwrap();
+        let off = chunk as usize * CHUNK;
+        buf.copy_from_slice(&v[off..off + CHUNK]);
+        Ok(())
+    }
+    fn write_chunk(&self, chunk: u64, data: &[u8]) -> std::io::Result<()> {
+        let mut v = self.0.lock().unwrap();
+        let off = chunk as usize * CHUNK;
+        v[off..off + CHUNK].copy_from_slice(data);
+        Ok(())
+    }
+    fn sync(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn zero_chunk(&self, chunk: u64) -> std::io::Result<()> {
+        self.write_chunk(chunk, &[0; CHUNK])
+    }
+}
+impl MemOrigin {
+    fn register(&self, chunk: u64, half: usize) -> u64 {
+        let v = self.0.lock().unwrap();
+        let off = chunk as usize * CHUNK + half * 8;
+        u64::from_le_bytes(v[off..off + 8].try_into().unwrap())
+    }
+}
+
+#[derive(Clone, Debug)]
+enum OpKind {
+    Read,
+    /// Write `tag` to the given halves.
+    Write {
+        tag: u64,
+        halves: Vec<usize>,
+        sync: bool,
+    },
+    Lock(Perm),
+}
+
+#[derive(Clone, Debug)]
+struct Op {
+    leaf: usize,
+    chunk: u64,
+    kind: OpKind,
+    start: u64,
+    end: Option<u64>,
+    /// Register values read (per half).
+    read: Option<[u64; 2]>,
+    failed: bool,
+}
+
+struct Sim {
+    seed: u64,
+    rng: Rng,
+    now: u64,
+    step: u64,
+    nodes: Vec<Node>,
+    names: Vec<&'static str>,
+    parent: Vec<Option<usize>>,
+    /// Messages in flight from node i to its parent, and from its parent to i.
+    up: Vec<VecDeque<Message>>,
+    down: Vec<VecDeque<Message>>,
+    leaves: Vec<usize>,
+    origin: MemOrigin,
+    ops: Vec<Op>,
+    /// The op each leaf is running.
+    running: HashMap<usize, usize>,
+    /// Leaves holding the lock chunk, and how.
+    locks: HashMap<usize, Perm>,
+    next_tag: u64,
+    verbose: bool,
+    modes: Vec<WriteMode>,
+}
+
+impl Sim {
+    fn new(seed: u64, verbose: bool) -> Sim {
+        let mut rng = Rng::new(seed);
+        // 0 root; 1, 2 proxies; 3 under 1, 4 under 2; leaves 5, 6 under 3,
+        // 7 under 4, 8 under 2 (a leaf one level up), so paths differ in depth.
+        let names = vec!["A", "B", "C", "B2", "C2", "D", "E", "F", "G"];
+        let parent = vec![
+            None,
+            Some(0),
+            Some(0),
+            Some(1),
+            Some(2),
+            Some(3),
+            Some(3),
+            Some(4),
+            Some(2),
+        ];
+        let leaves = vec![5, 6, 7, 8];
+        let origin = MemOrigin(Arc::new(Mutex::new(vec![0; CHUNK * CHUNKS as usize])));
+        let mut nodes = Vec::new();
+        let mut modes = Vec::new();
+        for (i, p) in parent.iter().enumerate() {
+            let role = if p.is_none() { Role::Root } else { Role::Child };
+            let mut cfg = NodeConfig::new(role, "vol", 1000 + i as u32);
+            // Short grants so that expiry and renewal happen within a run;
+            // heartbeats far longer than any run, since links never fail here.
+            cfg.grant_ttl_ms = 200 + rng.below(800) as u32;
+            cfg.hb_ttl_ms = 3_600_000;
+            cfg.sync_interval_ms = 50 + rng.below(200);
+            cfg.capacity_chunks = 1 + rng.below(4) as usize;
+            cfg.write_mode = match rng.below(3) {
+                0 => WriteMode::Sync,
+                1 => WriteMode::SemiSync,
+                _ => WriteMode::Async,
+            };
+            cfg.connect_lazily = !leaves.contains(&i);
+            modes.push(cfg.write_mode);
+            let mut n = if role == Role::Root {
+                Node::new_root(
+                    cfg,
+                    Some(Box::new(origin.clone())),
+                    CHUNK as u32,
+                    CHUNK as u64 * CHUNKS,
+                )
+            } else {
+                Node::new_child(cfg)
+            };
+            if rng.chance(30) {
+                n.set_push_ahead(1);
+            }
+            nodes.push(n);
+        }
+        let count = nodes.len();
+        let mut sim = Sim {
+            seed,
+            rng,
+            now: 1,
+            step: 0,
+            nodes,
+            names,
+            parent,
+            up: vec![VecDeque::new(); count],
+            down: vec![VecDeque::new(); count],
+            leaves,
+            origin,
+            ops: Vec::new(),
+            running: HashMap::new(),
+            locks: HashMap::new(),
+            next_tag: 1,
+            verbose,
+            modes,
+        };
+        for i in 1..count {
+            sim.nodes[i].parent_up(sim.now);
+            sim.drain(i);
+        }
+        sim
+    }
+
+    fn fail(&self, what: String) -> ! {
+        panic!("seed {}: step {}: {what}\nreplay: SIM_SEED={} cargo test -p canopy-node --test sim -- --nocapture", self.seed, self.step, self.seed);
+    }
+
+    /// Move a node's actions onto links and into op results.
+    fn drain(&mut self, i: usize) {
+        while let Some(a) = self.nodes[i].poll_action() {
+            match a {
+                Action::ToParent(m) => {
+                    if self.verbose {
+                        println!("{:>5} {} -> parent: {m}", self.step, self.names[i]);
+                    }
+                    self.up[i].push_back(roundtrip(m));
+                }
+                Action::ToChild(c, m) => {
+                    if self.verbose {
+                        println!(
+                            "{:>5} {} -> {}: {m}",
+                            self.step, self.names[i], self.names[c as usize]
+                        );
+                    }
+                    self.down[c as usize].push_back(roundtrip(m));
+                }
+                Action::CloseChild(c) => self.fail(format!(
+                    "{} closed child {}",
+                    self.names[i], self.names[c as usize]
+                )),
+                Action::ResetParent => self.fail(format!("{} lost its parent", self.names[i])),
+                Action::LocalDone(id, r) => self.complete(i, id, r),
+            }
+        }
+    }
+
+    fn complete(&mut self, leaf: usize, id: LocalId, r: Result<LocalReply, canopy_proto::Status>) {
+        let idx = id.0 as usize;
+        if self.running.get(&leaf) != Some(&idx) {
+            self.fail(format!(
+                "completion for op {idx} not running at {}",
+                self.names[leaf]
+            ));
+        }
+        self.running.remove(&leaf);
+        let step = self.step;
+        let op = &mut self.ops[idx];
+        op.end = Some(step);
+        match r {
+            Ok(LocalReply::Data(d)) => {
+                if d.len() != CHUNK {
+                    self.fail(format!("read returned {} bytes", d.len()));
+                }
+                let a = u64::from_le_bytes(d[0..8].try_into().unwrap());
+                let b = u64::from_le_bytes(d[8..16].try_into().unwrap());
+                self.ops[idx].read = Some([a, b]);
+            }
+            Ok(LocalReply::Done) => {}
+            Err(s) => {
+                // Nothing in this fault model should make a request fail.
+                self.ops[idx].failed = true;
+                self.fail(format!("op {idx} at {} failed: {s}", self.names[leaf]));
+            }
+        }
+        let op = self.ops[idx].clone();
+        if self.verbose {
+            println!(
+                "{:>5} {} done op {idx}: {:?}",
+                self.step, self.names[leaf], op
+            );
+        }
+        match op.kind {
+            OpKind::Lock(p) => {
+                if p == Perm::No {
+                    self.locks.remove(&leaf);
+                } else {
+                    self.locks.insert(leaf, p);
+                }
+                self.check_locks();
+            }
+            OpKind::Write {
+                tag,
+                sync: true,
+                ref halves,
+            } => {
+                // (iii) at acknowledgement the root holds it, or something not older.
+                for &h in halves {
+                    let at_root = self.origin.register(op.chunk, h);
+                    if at_root != tag && self.older_than(op.chunk, h, at_root, &op) {
+                        self.fail(format!("sync write {tag} of chunk {} half {h} acknowledged but root holds {at_root}", op.chunk));
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Whether the write of `value` to (chunk, half) finished before `op` started.
+    fn older_than(&self, chunk: u64, half: usize, value: u64, op: &Op) -> bool {
+        if value == 0 {
+            return self.ops.iter().any(|w| {
+                w.chunk == chunk && writes(w, half).is_some() && w.end.is_some_and(|e| e < op.start)
+            });
+        }
+        match self.writer_of(chunk, half, value) {
+            Some(w) => w.end.is_some_and(|e| e < op.start),
+            None => true,
+        }
+    }
+
+    fn writer_of(&self, chunk: u64, half: usize, value: u64) -> Option<&Op> {
+        self.ops
+            .iter()
+            .find(|w| w.chunk == chunk && writes(w, half) == Some(value))
+    }
+
+    fn start_op(&mut self, leaf: usize) {
+        let lockholder = self.locks.get(&leaf).copied();
+        let (chunk, kind) = if let Some(_p) = lockholder.filter(|_| self.rng.chance(40)) {
+            (LOCK_CHUNK, OpKind::Lock(Perm::No))
+        } else if lockholder.is_none() && self.rng.chance(8) {
+            let p = if self.rng.chance(50) {
+                Perm::Read
+            } else {
+                Perm::Write
+            };
+            (LOCK_CHUNK, OpKind::Lock(p))
+        } else {
+            let chunk = self.rng.below(LOCK_CHUNK);
+            if self.rng.chance(50) {
+                (chunk, OpKind::Read)
+            } else {
+                let tag = self.next_tag;
+                self.next_tag += 1;
+                let halves = match self.rng.below(3) {
+                    0 => vec![0],
+                    1 => vec![1],
+                    _ => vec![0, 1],
+                };
+                let force = self.rng.chance(10);
+                let sync = force || self.modes[leaf] == WriteMode::Sync;
+                (chunk, OpKind::Write { tag, halves, sync })
+            }
+        };
+        let idx = self.ops.len();
+        let lop = match &kind {
+            OpKind::Read => LocalOp::Read { chunk },
+            OpKind::Lock(p) => LocalOp::Lock { chunk, perm: *p },
+            OpKind::Write { tag, halves, sync } => {
+                let (offset, len) = if halves.len() == 2 {
+                    (0, 16)
+                } else {
+                    (halves[0] as u32 * 8, 8)
+                };
+                let mut data = Vec::with_capacity(len);
+                for _ in 0..len / 8 {
+                    data.extend_from_slice(&tag.to_le_bytes());
+                }
+                let force_sync = *sync && self.modes[leaf] != WriteMode::Sync;
+                LocalOp::Write {
+                    chunk,
+                    offset,
+                    data: Bytes::from(data),
+                    force_sync,
+                }
+            }
+        };
+        self.ops.push(Op {
+            leaf,
+            chunk,
+            kind,
+            start: self.step,
+            end: None,
+            read: None,
+            failed: false,
+        });
+        self.running.insert(leaf, idx);
+        if self.verbose {
+            println!(
+                "{:>5} {} start op {idx}: {:?}",
+                self.step, self.names[leaf], lop
+            );
+        }
+        self.nodes[leaf].local(LocalId(idx as u64), lop, self.now);
+        self.drain(leaf);
+    }
+
+    /// Deliver the next message on link `i` (up or down).
+    fn deliver(&mut self, i: usize, upward: bool) {
+        let Some(p) = self.parent[i] else { return };
+        if upward {
+            if let Some(m) = self.up[i].pop_front() {
+                self.nodes[p].handle_child(i as u64, m, self.now);
+                self.drain(p);
+            }
+        } else if let Some(m) = self.down[i].pop_front() {
+            self.nodes[i].handle_parent(m, self.now);
+            self.drain(i);
+        }
+    }
+
+    fn tick(&mut self, ms: u64) {
+        self.now += ms;
+        for i in 0..self.nodes.len() {
+            if self.nodes[i].poll_timeout().is_some_and(|t| t <= self.now) {
+                self.nodes[i].handle_timeout(self.now);
+                self.drain(i);
+            }
+        }
+    }
+
+    fn busy_links(&self) -> Vec<(usize, bool)> {
+        let mut v = Vec::new();
+        for i in 1..self.nodes.len() {
+            if !self.up[i].is_empty() {
+                v.push((i, true));
+            }
+            if !self.down[i].is_empty() {
+                v.push((i, false));
+            }
+        }
+        v
+    }
+
+    fn random_step(&mut self) {
+        self.step += 1;
+        let r = self.rng.below(100);
+        if r < 60 {
+            let links = self.busy_links();
+            if !links.is_empty() {
+                let (i, upward) = links[self.rng.below(links.len() as u64) as usize];
+                self.deliver(i, upward);
+            }
+        } else if r < 85 {
+            let leaf = self.leaves[self.rng.below(self.leaves.len() as u64) as usize];
+            if !self.running.contains_key(&leaf) {
+                self.start_op(leaf);
+            }
+        } else {
+            let ms = 1 + self.rng.below(40);
+            self.tick(ms);
+        }
+        self.check();
+    }
+
+    /// Deliver everything, release locks, until every op has finished.
+    fn quiesce(&mut self) {
+        for _ in 0..QUIESCE_STEPS {
+            self.step += 1;
+            let links = self.busy_links();
+            if let Some(&(i, upward)) = links.first() {
+                let pick = links[self.rng.below(links.len() as u64) as usize];
+                let (i, upward) = if self.rng.chance(50) {
+                    pick
+                } else {
+                    (i, upward)
+                };
+                self.deliver(i, upward);
+            } else if self.running.is_empty()
+                || self.locks.keys().any(|l| !self.running.contains_key(l))
+            {
+                // Fairness: a lock holder lets go, or nobody behind it proceeds.
+                let holder = self
+                    .locks
+                    .keys()
+                    .copied()
+                    .filter(|l| !self.running.contains_key(l))
+                    .min();
+                match holder {
+                    Some(leaf) => {
+                        let idx = self.ops.len();
+                        self.ops.push(Op {
+                            leaf,
+                            chunk: LOCK_CHUNK,
+                            kind: OpKind::Lock(Perm::No),
+                            start: self.step,
+                            end: None,
+                            read: None,
+                            failed: false,
+                        });
+                        self.running.insert(leaf, idx);
+                        self.nodes[leaf].local(
+                            LocalId(idx as u64),
+                            LocalOp::Lock {
+                                chunk: LOCK_CHUNK,
+                                perm: Perm::No,
+                            },
+                            self.now,
+                        );
+                        self.drain(leaf);
+                    }
+                    None => return,
+                }
+            } else {
+                self.tick(5);
+            }
+            self.check();
+        }
+        let stuck: Vec<_> = self
+            .running
+            .iter()
+            .map(|(l, o)| format!("{} op {o}", self.names[*l]))
+            .collect();
+        self.fail(format!("(iv) requests never completed: {stuck:?}"));
+    }
+
+    /// The invariants, after every step.
+    fn check(&self) {
+        self.check_permissions();
+        self.check_reads();
+    }
+
+    fn check_permissions(&self) {
+        for chunk in 0..CHUNKS {
+            for (i, n) in self.nodes.iter().enumerate() {
+                let v = n.inspect(chunk, self.now);
+                let writers: Vec<_> = v
+                    .children
+                    .iter()
+                    .filter(|(_, p)| *p == Perm::Write)
+                    .collect();
+                if !writers.is_empty() && v.children.len() > 1 {
+                    self.fail(format!(
+                        "(i) {} chunk {chunk}: a child holds WRITE beside others: {:?}",
+                        self.names[i], v.children
+                    ));
+                }
+                if let Some(p) = self.parent[i] {
+                    let record = self.nodes[p]
+                        .inspect(chunk, self.now)
+                        .children
+                        .iter()
+                        .find(|(c, _)| *c == i as u64)
+                        .map_or(Perm::No, |(_, p)| *p);
+                    if v.held > record {
+                        self.fail(format!(
+                            "(i) {} holds {:?} on chunk {chunk} but {} records {:?}",
+                            self.names[i], v.held, self.names[p], record
+                        ));
+                    }
+                }
+                if v.dirty && v.held != Perm::Write {
+                    self.fail(format!(
+                        "{} chunk {chunk} dirty without WRITE",
+                        self.names[i]
+                    ));
+                }
+            }
+        }
+    }
+
+    fn check_locks(&self) {
+        let writers = self.locks.values().filter(|p| **p == Perm::Write).count();
+        if writers > 1 || (writers == 1 && self.locks.len() > 1) {
+            self.fail(format!(
+                "lock exclusion broken: {:?}",
+                self.locks
+                    .iter()
+                    .map(|(l, p)| (self.names[*l], *p))
+                    .collect::<Vec<_>>()
+            ));
+        }
+    }
+
+    /// (ii) for the reads that finished at this step.
+    fn check_reads(&self) {
+        for (ri, r) in self.ops.iter().enumerate() {
+            if r.end != Some(self.step) {
+                continue;
+            }
+            let Some(vals) = r.read else { continue };
+            for (h, v) in vals.into_iter().enumerate() {
+                self.check_read(ri, r, h, v);
+            }
+        }
+    }
+
+    fn check_read(&self, ri: usize, r: &Op, h: usize, v: u64) {
+        let end = r.end.unwrap_or(u64::MAX);
+        // The write it saw: must exist and must have started before the read ended.
+        let w_end = if v == 0 {
+            Some(0)
+        } else {
+            match self.writer_of(r.chunk, h, v) {
+                None => self.fail(format!(
+                    "(ii) read {ri} of chunk {} half {h} returned {v}, never written",
+                    r.chunk
+                )),
+                Some(w) if w.start > end => {
+                    self.fail(format!("(ii) read {ri} returned {v} written after it"))
+                }
+                Some(w) => w.end,
+            }
+        };
+        // No write both started after that one finished and finished before the read started.
+        if let Some(we) = w_end {
+            for (wi, w) in self.ops.iter().enumerate() {
+                if w.chunk != r.chunk || writes(w, h).is_none() || writes(w, h) == Some(v) {
+                    continue;
+                }
+                if w.start > we && w.end.is_some_and(|e| e < r.start) {
+                    self.fail(format!("(ii) read {ri} ({} chunk {} half {h}) returned stale {v}: write {wi} ({:?}) finished at {} after it, before the read began at {}", self.names[r.leaf], r.chunk, writes(w, h), w.end.unwrap_or(0), r.start));
+                }
+            }
+        }
+        // Reads never go back: if an earlier read saw a value whose write
+        // began only after ours had finished, ours is older than what was
+        // already observed.
+        let Some(we) = w_end else { return };
+        for (qi, q) in self.ops.iter().enumerate() {
+            let (Some(qv), Some(qe)) = (q.read, q.end) else {
+                continue;
+            };
+            if q.chunk != r.chunk || qe >= r.start || qv[h] == v || qv[h] == 0 {
+                continue;
+            }
+            let q_start = self.writer_of(r.chunk, h, qv[h]).map_or(0, |w| w.start);
+            if we < q_start {
+                self.fail(format!("(ii) read {ri} returned {v}, older than {} seen by read {qi} which finished first", qv[h]));
+            }
+        }
+    }
+
+    /// After quiescing: every leaf reads every chunk; then the sync daemons
+    /// run and the root must hold the final values.
+    fn final_checks(&mut self) {
+        for chunk in 0..LOCK_CHUNK {
+            for li in 0..self.leaves.len() {
+                let leaf = self.leaves[li];
+                let idx = self.ops.len();
+                self.ops.push(Op {
+                    leaf,
+                    chunk,
+                    kind: OpKind::Read,
+                    start: self.step + 1,
+                    end: None,
+                    read: None,
+                    failed: false,
+                });
+                self.running.insert(leaf, idx);
+                self.nodes[leaf].local(LocalId(idx as u64), LocalOp::Read { chunk }, self.now);
+                self.drain(leaf);
+                self.quiesce();
+            }
+        }
+        // Let every sync daemon run until nothing is dirty.
+        for _ in 0..200 {
+            self.tick(300);
+            self.quiesce();
+        }
+        for chunk in 0..LOCK_CHUNK {
+            for (i, n) in self.nodes.iter().enumerate() {
+                if n.inspect(chunk, self.now).dirty {
+                    self.fail(format!(
+                        "(iii) {} still has chunk {chunk} dirty after the sync daemons ran",
+                        self.names[i]
+                    ));
+                }
+            }
+            let last = self
+                .ops
+                .iter()
+                .rev()
+                .find(|o| o.chunk == chunk && o.read.is_some())
+                .and_then(|o| o.read);
+            if let Some(vals) = last {
+                for (h, v) in vals.into_iter().enumerate() {
+                    let at_root = self.origin.register(chunk, h);
+                    if at_root != v {
+                        self.fail(format!("(iii) chunk {chunk} half {h}: leaves read {v} but the root holds {at_root}"));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// What a write op writes to `half`, if it writes it.
+fn writes(op: &Op, half: usize) -> Option<u64> {
+    match &op.kind {
+        OpKind::Write { tag, halves, .. } if halves.contains(&half) => Some(*tag),
+        _ => None,
+    }
+}
+
+/// Every message crosses the wire format, so the simulation also checks that
+/// the node only ever sends what the codec accepts.
+fn roundtrip(m: Message) -> Message {
+    let bytes = Bytes::from(encode_to_vec(&m));
+    match decode(&bytes) {
+        Ok(d) => d,
+        Err(e) => panic!("node sent a message the codec rejects: {m}: {e}"),
+    }
+}
+
+fn run_seed(seed: u64, verbose: bool) -> (usize, usize) {
+    let mut sim = Sim::new(seed, verbose);
+    for _ in 0..STEPS {
+        sim.random_step();
+    }
+    sim.quiesce();
+    sim.final_checks();
+    let writes = sim
+        .ops
+        .iter()
+        .filter(|o| matches!(o.kind, OpKind::Write { .. }))
+        .count();
+    (sim.ops.len(), writes)
+}
+
+#[test]
+fn simulation() {
+    if let Ok(s) = std::env::var("SIM_SEED") {
+        let seed: u64 = s.parse().expect("SIM_SEED must be a number");
+        let (ops, writes) = run_seed(seed, true);
+        println!("seed {seed}: {ops} ops, {writes} writes, all invariants held");
+        return;
+    }
+    let seeds: u64 = std::env::var("SIM_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(3000);
+    let first: u64 = std::env::var("SIM_FIRST")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let mut total_ops = 0;
+    for seed in first..first + seeds {
+        let (ops, _) = run_seed(seed, false);
+        total_ops += ops;
+    }
+    println!("simulation: {seeds} seeds, {total_ops} operations, all invariants held");
+}
