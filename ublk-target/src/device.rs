@@ -120,6 +120,7 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
         .spawn(move || {
             if let Ok(sig) = stop_signals.wait() {
                 tracing::info!(signal = ?sig, "stopping");
+                let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
                 stopper();
             }
         })
@@ -150,6 +151,11 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
         use std::io::Write;
         let _ = std::io::stdout().flush();
         tracing::info!(device = %announce, "serving");
+        // Under systemd (Type=notify) the unit is "started" only now that
+        // the device exists; outside systemd this does nothing.
+        if let Err(e) = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]) {
+            tracing::warn!(error = %e, "could not tell systemd we are ready");
+        }
     };
     ctrl.run_target(tgt_init, q_fn, started)
         .map_err(|e| anyhow::anyhow!("running the ublk device: {e}"))?;

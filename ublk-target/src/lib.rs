@@ -13,6 +13,7 @@
 //! - [`size`]: size strings on the command line.
 #![warn(missing_docs)]
 
+pub mod addconfig;
 pub mod control;
 pub mod device;
 pub mod namespace;

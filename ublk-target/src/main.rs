@@ -118,6 +118,11 @@ struct AddArgs {
     /// Ask for this device id (default: the driver picks one).
     #[arg(long, value_name = "N")]
     id: Option<u32>,
+    /// Read the settings from a TOML file whose keys are these options'
+    /// long names with `_` for `-` (e.g. `chunk_size = "64K"`, `cache_disk =
+    /// ["/c:1G"]`). A setting given both there and as a flag is an error.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -206,7 +211,13 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let cli = Cli::parse();
+    let cli = match expand_config(std::env::args().collect()) {
+        Ok(args) => Cli::parse_from(args),
+        Err(e) => {
+            eprintln!("canopy-ublk: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -215,6 +226,31 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// `add --config FILE [flags]` becomes `add <the file's flags> [flags]`, so
+/// clap checks file and flags alike (and rejects a setting given twice).
+fn expand_config(args: Vec<String>) -> Result<Vec<String>> {
+    if args.get(1).map(String::as_str) != Some("add") {
+        return Ok(args);
+    }
+    let mut out = Vec::with_capacity(args.len());
+    let mut file = None;
+    let mut it = args.into_iter();
+    while let Some(a) = it.next() {
+        if a == "--config" {
+            file = Some(it.next().context("--config needs a FILE")?);
+        } else if let Some(f) = a.strip_prefix("--config=") {
+            file = Some(f.to_string());
+        } else {
+            out.push(a);
+        }
+    }
+    if let Some(f) = file {
+        let extra = canopy_ublk::addconfig::config_args(std::path::Path::new(&f))?;
+        out.splice(2..2, extra);
+    }
+    Ok(out)
 }
 
 fn run(cli: Cli) -> Result<()> {

@@ -93,3 +93,35 @@ fn help_documents_every_command() {
         assert!(text.contains(cmd), "--help lacks {cmd}: {text}");
     }
 }
+
+#[test]
+fn config_file_stands_for_the_flags() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cfg = dir.path().join("vol0.toml");
+    let origin = dir.path().join("vol");
+    let c = cfg.to_str().expect("utf-8 path");
+    // A value from the file is checked by the same code as the flag.
+    std::fs::write(&cfg, format!("origin = {:?}\nsize = \"1000\"\n", origin)).expect("write");
+    assert_refused(&["add", "--config", c], "multiple of 512");
+    // The same setting in the file and on the command line is refused.
+    assert_refused(
+        &["add", "--config", c, "--size", "1M"],
+        "cannot be used multiple times",
+    );
+    // A misspelt key is named, with its line.
+    std::fs::write(
+        &cfg,
+        format!("origin = {:?}\nchunk_sise = \"64K\"\n", origin),
+    )
+    .expect("write");
+    let (code, stderr) = run(&["add", "--config", c]);
+    assert_ne!(code, 0);
+    assert!(
+        stderr.contains("chunk_sise") && stderr.contains("line 2"),
+        "{stderr}"
+    );
+    assert_refused(
+        &["add", "--config", "/nonexistent/vol.toml"],
+        "/nonexistent/vol.toml",
+    );
+}
