@@ -15,9 +15,13 @@ impl Node {
             return;
         }
         self.upstream = Upstream::Idle;
+        // A lazy proxy connects when someone needs the volume: a waiting
+        // child or local request, or children it already serves (after a
+        // parent's restart they would otherwise wait for a new child).
         if !self.cfg.connect_lazily
             || !self.waiting_connect.is_empty()
             || !self.waiting_local.is_empty()
+            || !self.children.is_empty()
         {
             self.send_connect();
         }
@@ -95,6 +99,11 @@ impl Node {
         if self.is_root() {
             return;
         }
+        self.handle_parent_inner(m, now);
+        self.arm_sync(now);
+    }
+
+    fn handle_parent_inner(&mut self, m: Message, now: Millis) {
         match m.header.opcode {
             Opcode::OkReply | Opcode::ErrReply => self.parent_reply(m, now),
             Opcode::Invalidate => self.parent_invalidate(m, now),

@@ -217,6 +217,7 @@ impl Node {
         self.touch(chunk);
         self.run(chunk, now);
         self.maybe_evict(now);
+        self.arm_sync(now);
     }
 
     /// LOCK to a lower permission: applied at once, since giving up never waits.
@@ -367,10 +368,12 @@ impl Node {
 
     /// A child's connection closed: forget its permissions and requests.
     pub fn child_gone(&mut self, child: ChildId, now: Millis) {
+        // Also when its CONNECT still waits for ours: it must not be
+        // admitted once that is answered.
+        self.waiting_connect.retain(|(c, _)| *c != child);
         if self.children.remove(&child).is_none() {
             return;
         }
-        self.waiting_connect.retain(|(c, _)| *c != child);
         self.outstanding
             .retain(|_, o| !matches!(o, Outstanding::Invalidate { child: c, .. } if *c == child));
         let mut touched = Vec::new();

@@ -273,5 +273,47 @@ impl Node {
         self.touch(chunk);
         self.run(chunk, now);
         self.maybe_evict(now);
+        self.arm_sync(now);
+    }
+
+    /// Start the sync daemon's clock once something is dirty, so its first
+    /// pass does not wait for an unrelated timer.
+    pub(crate) fn arm_sync(&mut self, now: Millis) {
+        if self.next_sync.is_none() && !self.dirty.is_empty() && self.cfg.role != Role::Root {
+            self.next_sync = Some(now + self.cfg.sync_interval_ms);
+        }
+    }
+
+    /// Before a clean stop: send every dirty chunk up and give back every
+    /// chunk no child or request still uses. Returns how many went; the
+    /// driver waits for [`Node::releases_in_flight`] to reach 0 (or a
+    /// deadline) before closing the link, so async writes are not lost.
+    pub fn release_all(&mut self, _now: Millis) -> usize {
+        let chunks: Vec<u64> = self.lru.values().copied().collect();
+        let mut sent = 0;
+        for chunk in chunks {
+            let Some(e) = self.table.get(&chunk) else {
+                continue;
+            };
+            if e.held == Perm::No || e.is_busy() || !e.children.is_empty() || e.pinned != Perm::No {
+                continue;
+            }
+            self.send_release(chunk, Perm::No);
+            sent += 1;
+        }
+        sent
+    }
+
+    /// Releases and sync-daemon FLUSHes sent and not yet answered.
+    pub fn releases_in_flight(&self) -> usize {
+        self.outstanding
+            .values()
+            .filter(|o| matches!(o, Outstanding::Release { .. }))
+            .count()
+    }
+
+    /// Chunks whose newest data is only here (async writes not yet sent up).
+    pub fn dirty_chunks(&self) -> usize {
+        self.dirty.len()
     }
 }
