@@ -1,0 +1,864 @@
+//! The tokio layer around the sans-IO [`Node`].
+//!
+//! One task owns the node: the state machine is single-threaded by design,
+//! so nothing else ever touches it and no lock is needed. Everything else
+//! talks to that task over one bounded channel of [`Event`]s:
+//!
+//! - an accept task hands over each child connection (its writer channel);
+//! - per connection, a reader task splits frames and decodes them, and a
+//!   writer task encodes and writes whatever the node sends;
+//! - a parent task dials the parent, redials when the link drops or the node
+//!   asks for a reset, and hands each new link over the same way;
+//! - [`NodeHandle`]s send local requests and wait on a oneshot for the reply.
+//!
+//! The event channel is bounded so that a node that falls behind slows its
+//! readers, and through them TCP, instead of queueing without limit. The
+//! writer channels are unbounded: the node task must never wait on a peer,
+//! or two nodes writing to each other could deadlock. A peer that stops
+//! reading therefore costs memory until its heartbeat grace runs out and the
+//! node closes it.
+//!
+//! The clock is milliseconds since a `tokio::time::Instant` taken at start.
+//! After every input the node's actions are drained completely, then
+//! [`Node::poll_timeout`] says when to wake next.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use canopy_node::{Action, ChildId, LocalId, LocalOp, LocalReply, Node};
+use canopy_proto::frame::{split_frame, write_frame};
+use canopy_proto::{decode, DecodeError, Message, Opcode, Perm, Status};
+use serde::Serialize;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::trace::{Direction, PeerName, Tracer};
+
+/// Events queued to the node task before readers wait for it.
+const EVENT_QUEUE: usize = 1024;
+
+/// How long one attempt to reach the parent may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a shutdown waits for writers to drain their queues.
+const SHUTDOWN_DRAIN: Duration = Duration::from_secs(2);
+
+/// How long a clean stop waits for the parent to confirm the chunks it sent
+/// up (async writes) before it gives up and stops anyway.
+const RELEASE_WAIT: Duration = Duration::from_secs(10);
+
+/// A local request could not be served.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    /// The node answered with this status.
+    #[error("{0}")]
+    Refused(Status),
+    /// The driver has stopped; nothing will answer.
+    #[error("STOPPED")]
+    Stopped,
+}
+
+/// The driver could not become ready.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DriverError {
+    /// The parent refused our CONNECT (e.g. NO_SUCH_VOLUME).
+    #[error("parent refused CONNECT: {0}")]
+    Refused(Status),
+    /// The driver stopped before it was ready.
+    #[error("driver stopped")]
+    Stopped,
+}
+
+/// Where a driver stands on its way to serving.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Readiness {
+    /// Not yet: the parent link or its CONNECT is pending.
+    Starting,
+    /// Listening, and (for a child) connected to the parent. A proxy that
+    /// connects lazily is ready once its parent link is up, since its own
+    /// CONNECT waits for its first child.
+    Ready,
+    /// The parent answered our CONNECT with this ERR_REPLY status.
+    Refused(Status),
+    /// The driver has stopped.
+    Stopped,
+}
+
+/// Counters and state, for `stats`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct PeerStats {
+    /// The node's name.
+    pub name: String,
+    /// Whether this node is the volume's root.
+    pub root: bool,
+    /// Whether local requests can be served now.
+    pub ready: bool,
+    /// Whether a transport link to the parent is up.
+    pub parent_link: bool,
+    /// Child connections open.
+    pub children: usize,
+    /// Chunk size in bytes (0 until connected).
+    pub chunk_size: u32,
+    /// Volume size in bytes (0 until connected).
+    pub volume_size: u64,
+    /// IO_REQUESTs received from children.
+    pub child_requests: u64,
+    /// Requests sent to the parent.
+    pub parent_requests: u64,
+    /// INVALIDATEs sent to children.
+    pub invalidates_sent: u64,
+    /// INVALIDATEs received from the parent.
+    pub invalidates_received: u64,
+    /// Local requests completed.
+    pub local_done: u64,
+    /// Chunks given back to stay under capacity.
+    pub evictions: u64,
+    /// FLUSHes sent by the sync daemon.
+    pub sync_flushes: u64,
+    /// PUSHes sent to children.
+    pub pushes_sent: u64,
+    /// ERR_REPLYs sent.
+    pub errors_sent: u64,
+    /// Dirty chunks lost with the parent.
+    pub lost_dirty: u64,
+    /// Messages that did not decode.
+    pub decode_errors: u64,
+}
+
+/// Which link a reader serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Source {
+    Child(ChildId),
+    /// The parent link of this generation: a message still in flight from a
+    /// link we already dropped must not reach the node as if from the new one.
+    Parent(u64),
+}
+
+/// A link's sending side, as the node task holds it.
+struct Link {
+    tx: mpsc::UnboundedSender<Message>,
+    /// Stops the link's reader (a close we decide on).
+    close: Arc<Notify>,
+    writer: JoinHandle<()>,
+}
+
+impl Link {
+    fn close(self) -> JoinHandle<()> {
+        self.close.notify_one();
+        // Dropping `tx` lets the writer finish its queue, then shut down.
+        self.writer
+    }
+}
+
+/// Inputs to the node task.
+// Nearly every event is a `Msg`, so boxing the message would add an
+// allocation to the common case to shrink the rare ones.
+#[allow(clippy::large_enum_variant)]
+enum Event {
+    ChildUp {
+        id: ChildId,
+        peer: SocketAddr,
+        link: Link,
+    },
+    ParentUp {
+        gen: u64,
+        link: Link,
+    },
+    Msg(Source, Message),
+    Bad(Source, DecodeError),
+    Closed(Source),
+    Local(LocalOp, oneshot::Sender<Result<LocalReply, Status>>),
+    Stats(oneshot::Sender<PeerStats>),
+}
+
+/// Sends local requests to a running node. Cheap to clone.
+#[derive(Clone)]
+pub struct NodeHandle {
+    tx: mpsc::Sender<Event>,
+}
+
+impl NodeHandle {
+    async fn request(&self, op: LocalOp) -> Result<LocalReply, RequestError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Event::Local(op, tx))
+            .await
+            .map_err(|_| RequestError::Stopped)?;
+        match rx.await {
+            Ok(r) => r.map_err(RequestError::Refused),
+            Err(_) => Err(RequestError::Stopped),
+        }
+    }
+
+    /// Read a whole chunk.
+    pub async fn read(&self, chunk: u64) -> Result<Bytes, RequestError> {
+        match self.request(LocalOp::Read { chunk }).await? {
+            LocalReply::Data(d) => Ok(d),
+            // A read always answers with data; anything else is a node bug,
+            // reported rather than trusted.
+            LocalReply::Done => Err(RequestError::Refused(Status::IoError)),
+        }
+    }
+
+    /// Write `data` at `offset` in `chunk`; acknowledged per the write mode,
+    /// or once the root has it durably when `force_sync` is set.
+    pub async fn write(
+        &self,
+        chunk: u64,
+        offset: u32,
+        data: Bytes,
+        force_sync: bool,
+    ) -> Result<(), RequestError> {
+        self.request(LocalOp::Write {
+            chunk,
+            offset,
+            data,
+            force_sync,
+        })
+        .await
+        .map(drop)
+    }
+
+    /// Take (`Read`, `Write`) or release (`No`) a lock on `chunk`.
+    pub async fn lock(&self, chunk: u64, perm: Perm) -> Result<(), RequestError> {
+        self.request(LocalOp::Lock { chunk, perm }).await.map(drop)
+    }
+
+    /// The node's counters and state.
+    pub async fn stats(&self) -> Result<PeerStats, RequestError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Event::Stats(tx))
+            .await
+            .map_err(|_| RequestError::Stopped)?;
+        rx.await.map_err(|_| RequestError::Stopped)
+    }
+}
+
+/// What the driver is given besides the node.
+pub struct DriverOptions {
+    /// Name in logs and traces.
+    pub name: String,
+    /// An already bound listener for children, if this node serves any.
+    /// Binding is the caller's business so that a bind error surfaces before
+    /// anything starts, and a test can bind port 0 and learn the port.
+    pub listener: Option<TcpListener>,
+    /// The parent's address (`HOST:PORT`), for a non-root node.
+    pub parent: Option<String>,
+    /// The protocol trace, if any.
+    pub trace: Option<Tracer>,
+}
+
+/// A running driver.
+pub struct Peer {
+    handle: NodeHandle,
+    local_addr: Option<SocketAddr>,
+    ready: watch::Receiver<Readiness>,
+    shutdown: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl Peer {
+    /// Sends local requests.
+    pub fn handle(&self) -> NodeHandle {
+        self.handle.clone()
+    }
+
+    /// The address children connect to, if this node listens.
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.local_addr
+    }
+
+    /// Wait until the node is ready (see [`Readiness::Ready`]).
+    pub async fn ready(&self) -> Result<(), DriverError> {
+        let mut rx = self.ready.clone();
+        let r = rx
+            .wait_for(|r| *r != Readiness::Starting)
+            .await
+            .map(|r| *r)
+            .unwrap_or(Readiness::Stopped);
+        match r {
+            Readiness::Ready => Ok(()),
+            Readiness::Refused(s) => Err(DriverError::Refused(s)),
+            Readiness::Starting | Readiness::Stopped => Err(DriverError::Stopped),
+        }
+    }
+
+    /// Where the driver stands now.
+    pub fn readiness(&self) -> Readiness {
+        *self.ready.borrow()
+    }
+
+    /// Stop accepting, say DISCONNECT to the parent, let writers drain (for
+    /// a bounded time) and stop.
+    pub async fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        if let Err(e) = self.task.await {
+            tracing::error!(error = %e, "driver task failed");
+        }
+    }
+}
+
+/// Start the driver for `node` on the current tokio runtime.
+pub fn start(node: Node, opts: DriverOptions) -> Peer {
+    let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
+    let (ready_tx, ready_rx) = watch::channel(Readiness::Starting);
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let local_addr = opts.listener.as_ref().and_then(|l| l.local_addr().ok());
+
+    let acceptor = opts
+        .listener
+        .map(|l| tokio::spawn(accept_loop(l, events_tx.clone(), opts.name.clone())));
+    let (reset_tx, reset_rx) = mpsc::unbounded_channel();
+    let dialer = opts
+        .parent
+        .map(|addr| tokio::spawn(parent_loop(addr, events_tx.clone(), reset_rx)));
+    let lazy = node.config().connect_lazily;
+    let task = NodeTask {
+        node,
+        name: opts.name,
+        start: Instant::now(),
+        timer_floor: 0,
+        events: events_rx,
+        children: HashMap::new(),
+        parent: None,
+        reset_tx,
+        pending: HashMap::new(),
+        next_local: 1,
+        trace: opts.trace,
+        ready: ready_tx,
+        lazy,
+        decode_errors: 0,
+        acceptor,
+        dialer,
+    };
+    let task = tokio::spawn(task.run(shutdown_rx));
+    Peer {
+        handle: NodeHandle { tx: events_tx },
+        local_addr,
+        ready: ready_rx,
+        shutdown: shutdown_tx,
+        task,
+    }
+}
+
+/// The task that owns the node.
+struct NodeTask {
+    node: Node,
+    name: String,
+    start: Instant,
+    /// Never wake for a timer before this ms: handle_timeout already ran at
+    /// the previous ms, so a timer still due then would only spin.
+    timer_floor: u64,
+    events: mpsc::Receiver<Event>,
+    children: HashMap<ChildId, Link>,
+    parent: Option<(u64, Link)>,
+    /// Tells the parent task to drop link `gen` and dial again.
+    reset_tx: mpsc::UnboundedSender<u64>,
+    pending: HashMap<u64, oneshot::Sender<Result<LocalReply, Status>>>,
+    next_local: u64,
+    trace: Option<Tracer>,
+    ready: watch::Sender<Readiness>,
+    lazy: bool,
+    decode_errors: u64,
+    acceptor: Option<JoinHandle<()>>,
+    dialer: Option<JoinHandle<()>>,
+}
+
+impl NodeTask {
+    fn now(&self) -> u64 {
+        u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        self.update_readiness(None);
+        // Set once a stop was asked for and chunks went up: the loop keeps
+        // serving the parent's answers until they are all in, or this passes.
+        let mut releasing: Option<Instant> = None;
+        loop {
+            let wake = self
+                .node
+                .poll_timeout()
+                // A deadline past what Instant can hold (TTLs come from
+                // peers) is as good as none, rather than a panic.
+                .and_then(|t| {
+                    self.start
+                        .checked_add(Duration::from_millis(t.max(self.timer_floor)))
+                });
+            let wake = match (wake, releasing) {
+                (Some(w), Some(r)) => Some(w.min(r)),
+                (w, r) => w.or(r),
+            };
+            tokio::select! {
+                biased;
+                r = shutdown.changed(), if releasing.is_none() => {
+                    // A dropped sender means the Peer is gone: stop as well.
+                    if r.is_err() || *shutdown.borrow() {
+                        // A clean stop first sends dirty chunks up and gives
+                        // back what it holds, so async writes survive it.
+                        let sent = self.node.release_all(self.now());
+                        self.drain();
+                        if sent == 0 || self.node.releases_in_flight() == 0 {
+                            break;
+                        }
+                        tracing::info!(node = %self.name, chunks = sent, "sending chunks up before stopping");
+                        releasing = Some(Instant::now() + RELEASE_WAIT);
+                        continue;
+                    }
+                }
+                ev = self.events.recv() => {
+                    // The handle in `Peer` keeps the channel open until the
+                    // Peer is dropped, and that closes `shutdown` too.
+                    let Some(ev) = ev else { break };
+                    self.on_event(ev);
+                }
+                () = sleep_until_opt(wake) => {
+                    let now = self.now();
+                    self.node.handle_timeout(now);
+                    self.timer_floor = now.saturating_add(1);
+                }
+            }
+            self.drain();
+            if let Some(deadline) = releasing {
+                if self.node.releases_in_flight() == 0 {
+                    break;
+                }
+                if Instant::now() >= deadline {
+                    tracing::warn!(node = %self.name, unanswered = self.node.releases_in_flight(), "parent did not confirm every chunk sent up before the stop");
+                    break;
+                }
+            }
+        }
+        self.stop().await;
+    }
+
+    fn on_event(&mut self, ev: Event) {
+        let now = self.now();
+        match ev {
+            Event::ChildUp { id, peer, link } => {
+                tracing::info!(node = %self.name, child = id, %peer, "child connected");
+                self.children.insert(id, link);
+            }
+            Event::ParentUp { gen, link } => {
+                tracing::info!(node = %self.name, "parent link up");
+                if let Some((_, old)) = self.parent.replace((gen, link)) {
+                    // Cannot happen (the dialer waits for a link to end before
+                    // the next), but an old link must not linger if it does.
+                    drop(old.close());
+                    self.node.parent_down(now);
+                }
+                self.node.parent_up(now);
+            }
+            Event::Msg(Source::Child(id), m) => {
+                if !self.children.contains_key(&id) {
+                    return; // closed by us; its last messages are moot
+                }
+                self.record(Direction::Recv, PeerName::Child(id), &m);
+                self.node.handle_child(id, m, now);
+            }
+            Event::Msg(Source::Parent(gen), m) => {
+                if !self.parent_is(gen) {
+                    return;
+                }
+                self.record(Direction::Recv, PeerName::Parent, &m);
+                let was_ready = self.node.is_ready();
+                let refusal = (m.header.opcode == Opcode::ErrReply)
+                    .then(|| m.params.status.unwrap_or(Status::IoError));
+                self.node.handle_parent(m, now);
+                // Before CONNECT is answered, the only request we have out is
+                // the CONNECT: an ERR_REPLY that leaves us unready refused it.
+                if !was_ready && !self.node.is_ready() {
+                    self.update_readiness(refusal);
+                }
+            }
+            Event::Bad(src, e) => {
+                self.decode_errors += 1;
+                tracing::warn!(node = %self.name, peer = %self.peer_name(src), error = %e, "undecodable message");
+                if let Some(reply) = e.to_err_reply() {
+                    match src {
+                        Source::Child(id) => self.send_child(id, reply),
+                        Source::Parent(gen) if self.parent_is(gen) => self.send_parent(reply),
+                        Source::Parent(_) => {}
+                    }
+                }
+            }
+            Event::Closed(Source::Child(id)) => {
+                if let Some(link) = self.children.remove(&id) {
+                    tracing::info!(node = %self.name, child = id, "child disconnected");
+                    drop(link.close());
+                }
+                // Also after a close we decided on: the node may still hold
+                // state for a child that never finished CONNECT.
+                self.node.child_gone(id, now);
+            }
+            Event::Closed(Source::Parent(gen)) => {
+                if self.parent_is(gen) {
+                    tracing::warn!(node = %self.name, "parent link lost");
+                    if let Some((_, link)) = self.parent.take() {
+                        drop(link.close());
+                    }
+                    self.node.parent_down(now);
+                }
+            }
+            Event::Local(op, reply) => {
+                let id = self.next_local;
+                self.next_local += 1;
+                self.pending.insert(id, reply);
+                self.node.local(LocalId(id), op, now);
+            }
+            Event::Stats(reply) => {
+                let _ = reply.send(self.stats());
+            }
+        }
+    }
+
+    fn parent_is(&self, gen: u64) -> bool {
+        self.parent.as_ref().is_some_and(|(g, _)| *g == gen)
+    }
+
+    fn peer_name(&self, src: Source) -> PeerName {
+        match src {
+            Source::Child(id) => PeerName::Child(id),
+            Source::Parent(_) => PeerName::Parent,
+        }
+    }
+
+    /// Carry out everything the node asked for, then re-check readiness.
+    fn drain(&mut self) {
+        while let Some(a) = self.node.poll_action() {
+            match a {
+                Action::ToParent(m) => self.send_parent(m),
+                Action::ToChild(id, m) => self.send_child(id, m),
+                Action::CloseChild(id) => {
+                    if let Some(link) = self.children.remove(&id) {
+                        tracing::warn!(node = %self.name, child = id, "closing child");
+                        drop(link.close());
+                    }
+                }
+                Action::LocalDone(id, r) => {
+                    if let Some(tx) = self.pending.remove(&id.0) {
+                        // The requester may have given up; that is its business.
+                        let _ = tx.send(r);
+                    }
+                }
+                Action::ResetParent => {
+                    // The node has already called parent_down on itself.
+                    if let Some((gen, link)) = self.parent.take() {
+                        drop(link.close());
+                        let _ = self.reset_tx.send(gen);
+                    }
+                }
+            }
+        }
+        self.update_readiness(None);
+    }
+
+    fn send_parent(&mut self, m: Message) {
+        let Some((_, link)) = self.parent.as_ref() else {
+            tracing::debug!(node = %self.name, msg = %m, "no parent link; message dropped");
+            return;
+        };
+        if link.tx.send(m.clone()).is_ok() {
+            self.record(Direction::Send, PeerName::Parent, &m);
+        }
+    }
+
+    fn send_child(&mut self, id: ChildId, m: Message) {
+        let Some(link) = self.children.get(&id) else {
+            tracing::debug!(node = %self.name, child = id, msg = %m, "child gone; message dropped");
+            return;
+        };
+        if link.tx.send(m.clone()).is_ok() {
+            self.record(Direction::Send, PeerName::Child(id), &m);
+        }
+    }
+
+    fn record(&mut self, dir: Direction, peer: PeerName, m: &Message) {
+        if let Some(t) = self.trace.as_mut() {
+            t.record(dir, peer, m);
+        }
+    }
+
+    fn update_readiness(&mut self, refused: Option<Status>) {
+        let ready = self.node.is_ready() || (self.lazy && self.parent.is_some());
+        let next = match (ready, refused) {
+            (true, _) => Readiness::Ready,
+            (false, Some(s)) => Readiness::Refused(s),
+            (false, None) => return,
+        };
+        self.ready.send_if_modified(|r| {
+            // Ready is sticky: losing the parent later is a logged event, not
+            // a reason to tell a waiting starter "not yet".
+            if *r == next || *r == Readiness::Ready {
+                return false;
+            }
+            *r = next;
+            true
+        });
+    }
+
+    fn stats(&self) -> PeerStats {
+        let s = self.node.stats();
+        PeerStats {
+            name: self.name.clone(),
+            root: self.node.is_root(),
+            ready: self.node.is_ready(),
+            parent_link: self.parent.is_some(),
+            children: self.children.len(),
+            chunk_size: self.node.chunk_size(),
+            volume_size: self.node.volume_size(),
+            child_requests: s.child_requests,
+            parent_requests: s.parent_requests,
+            invalidates_sent: s.invalidates_sent,
+            invalidates_received: s.invalidates_received,
+            local_done: s.local_done,
+            evictions: s.evictions,
+            sync_flushes: s.sync_flushes,
+            pushes_sent: s.pushes_sent,
+            errors_sent: s.errors_sent,
+            lost_dirty: s.lost_dirty,
+            decode_errors: self.decode_errors,
+        }
+    }
+
+    /// Shut down: no new children, DISCONNECT upward, drain writers.
+    ///
+    /// Dirty chunks went up before this (see `run`), so an async writer's
+    /// acknowledged writes survive a clean stop.
+    async fn stop(mut self) {
+        if let Some(a) = self.acceptor.take() {
+            a.abort();
+        }
+        if let Some(d) = self.dialer.take() {
+            d.abort();
+        }
+        let mut writers = Vec::new();
+        if self.parent.is_some() {
+            // XID 0 is never one the node allocates, so the parent's OK_REPLY
+            // cannot be mistaken for the answer to anything of ours.
+            self.send_parent(Message::new(Opcode::Disconnect, 0));
+        }
+        if let Some((_, link)) = self.parent.take() {
+            writers.push(link.close());
+        }
+        for (_, link) in self.children.drain() {
+            writers.push(link.close());
+        }
+        let _ = self.ready.send(Readiness::Stopped);
+        // Pending local requests are answered "stopped" by dropping them.
+        self.pending.clear();
+        let drained = tokio::time::timeout(SHUTDOWN_DRAIN, async {
+            for w in writers {
+                let _ = w.await;
+            }
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!(node = %self.name, "writers did not drain in time");
+        }
+        tracing::info!(node = %self.name, "stopped");
+    }
+}
+
+async fn sleep_until_opt(t: Option<Instant>) {
+    match t {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Spawn a writer for `wr`, returning the link the node task keeps and the
+/// close signal for the matching reader.
+fn spawn_link(wr: OwnedWriteHalf) -> (Link, Arc<Notify>) {
+    let (tx, rx) = mpsc::unbounded_channel();
+    let close = Arc::new(Notify::new());
+    let writer = tokio::spawn(write_loop(wr, rx));
+    (
+        Link {
+            tx,
+            close: close.clone(),
+            writer,
+        },
+        close,
+    )
+}
+
+async fn accept_loop(listener: TcpListener, events: mpsc::Sender<Event>, name: String) {
+    let mut next_id: ChildId = 1;
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                // Typically EMFILE: back off instead of spinning on it.
+                tracing::warn!(node = %name, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(error = %e, "TCP_NODELAY refused");
+        }
+        let id = next_id;
+        next_id += 1;
+        let (rd, wr) = stream.into_split();
+        let (link, close) = spawn_link(wr);
+        // ChildUp goes first on the same channel the reader will use, so the
+        // node task knows the child before any of its messages.
+        if events
+            .send(Event::ChildUp { id, peer, link })
+            .await
+            .is_err()
+        {
+            return;
+        }
+        tokio::spawn(read_loop(rd, Source::Child(id), events.clone(), close));
+    }
+}
+
+async fn parent_loop(
+    addr: String,
+    events: mpsc::Sender<Event>,
+    mut resets: mpsc::UnboundedReceiver<u64>,
+) {
+    let mut gen = 0u64;
+    let mut failures = 0u32;
+    loop {
+        // Bounded, so a parent that drops SYNs is retried on our schedule
+        // rather than the kernel's two minutes.
+        let attempt = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&addr)).await;
+        let stream = match attempt.unwrap_or_else(|_| Err(std::io::ErrorKind::TimedOut.into())) {
+            Ok(s) => s,
+            Err(e) => {
+                failures = failures.saturating_add(1);
+                // Log the first few failures, then one a minute: a daemon
+                // waiting for its parent should not flood the log.
+                if failures <= 5 || failures % 60 == 0 {
+                    tracing::warn!(parent = %addr, error = %e, attempt = failures, "cannot reach parent; retrying");
+                }
+                // 100 ms, 200, 400, 800, then every second.
+                let backoff = 100u64 << failures.min(5).saturating_sub(1);
+                tokio::time::sleep(Duration::from_millis(backoff.min(1000))).await;
+                continue;
+            }
+        };
+        if failures > 0 {
+            tracing::info!(parent = %addr, "parent reachable again");
+        }
+        failures = 0;
+        if let Err(e) = stream.set_nodelay(true) {
+            tracing::debug!(error = %e, "TCP_NODELAY refused");
+        }
+        gen += 1;
+        let up_since = Instant::now();
+        let (rd, wr) = stream.into_split();
+        let (link, close) = spawn_link(wr);
+        if events.send(Event::ParentUp { gen, link }).await.is_err() {
+            return;
+        }
+        let reader = read_loop(rd, Source::Parent(gen), events.clone(), close.clone());
+        tokio::pin!(reader);
+        let mut was_reset = false;
+        let mut resets_open = true;
+        loop {
+            tokio::select! {
+                () = &mut reader => break,
+                g = resets.recv(), if resets_open => match g {
+                    // A reset of this generation closes the reader, which
+                    // then reports Closed; older generations are stale.
+                    Some(g) if g == gen => {
+                        was_reset = true;
+                        close.notify_one();
+                    }
+                    Some(_) => {}
+                    None => {
+                        resets_open = false;
+                        close.notify_one();
+                    }
+                }
+            }
+        }
+        if events.is_closed() || !resets_open {
+            return;
+        }
+        // A reset means the parent stopped answering: dial again promptly.
+        // A parent that accepts and drops us at once must not be hammered.
+        let pause = if was_reset || up_since.elapsed() >= Duration::from_secs(5) {
+            Duration::from_millis(100)
+        } else {
+            Duration::from_secs(1)
+        };
+        tokio::time::sleep(pause).await;
+    }
+}
+
+async fn read_loop(
+    mut rd: OwnedReadHalf,
+    src: Source,
+    events: mpsc::Sender<Event>,
+    close: Arc<Notify>,
+) {
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    'outer: loop {
+        loop {
+            match split_frame(&mut buf) {
+                Ok(Some(frame)) => {
+                    let ev = match decode(&frame) {
+                        Ok(m) => Event::Msg(src, m),
+                        Err(e) => Event::Bad(src, e),
+                    };
+                    if events.send(ev).await.is_err() {
+                        return;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    // The stream has lost its framing; nothing after this
+                    // can be trusted.
+                    tracing::warn!(?src, error = %e, "bad frame; closing the connection");
+                    break 'outer;
+                }
+            }
+        }
+        buf.reserve(16 * 1024);
+        tokio::select! {
+            () = close.notified() => break,
+            r = rd.read_buf(&mut buf) => match r {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::debug!(?src, error = %e, "read failed");
+                    break;
+                }
+            }
+        }
+    }
+    let _ = events.send(Event::Closed(src)).await;
+}
+
+async fn write_loop(mut wr: OwnedWriteHalf, mut rx: mpsc::UnboundedReceiver<Message>) {
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    while let Some(m) = rx.recv().await {
+        buf.clear();
+        write_frame(&m, &mut buf);
+        // Batch whatever else is already queued into one write, bounded so
+        // a long queue does not build one giant buffer.
+        while buf.len() < 1 << 20 {
+            match rx.try_recv() {
+                Ok(m) => write_frame(&m, &mut buf),
+                Err(_) => break,
+            }
+        }
+        if let Err(e) = wr.write_all(&buf).await {
+            tracing::debug!(error = %e, "write failed");
+            return;
+        }
+    }
+    let _ = wr.shutdown().await;
+}

@@ -1,0 +1,15 @@
+//! canopy's peer daemon as a library: configuration, the tokio driver around
+//! the sans-IO [`canopy_node::Node`], the protocol trace and the leaf's line
+//! protocol. The `canopy-peerd` binary is a thin CLI over these, and the
+//! integration tests run whole trees in one process through them.
+#![warn(missing_docs)]
+
+pub mod config;
+pub mod driver;
+pub mod lines;
+pub mod setup;
+pub mod trace;
+
+pub use config::{PeerConfig, PeerRole};
+pub use driver::{DriverError, NodeHandle, Peer, PeerStats, Readiness, RequestError};
+pub use setup::{start_peer, SetupError};

@@ -1,0 +1,200 @@
+//! From a [`PeerConfig`] to a running [`Peer`]: open the origin, bind the
+//! listener, open the trace, build the node, start the driver.
+
+use std::fs::OpenOptions;
+use std::path::{Path, PathBuf};
+
+use canopy_node::Node;
+use canopy_ublk::origin::{OriginError, OriginStore};
+use tokio::net::TcpListener;
+
+use crate::config::{PeerConfig, PeerRole};
+use crate::driver::{self, DriverOptions, Peer};
+use crate::trace::{TraceTarget, Tracer};
+
+/// Why a peer could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    /// The origin could not be opened, created or extended.
+    #[error(transparent)]
+    Origin(#[from] OriginError),
+    /// Creating or extending the origin file failed.
+    #[error("origin {path}: {source}")]
+    OriginFile {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The origin is larger than `size` asks for.
+    #[error("origin {path} has {actual} bytes but size = {wanted}; refusing to shrink it")]
+    OriginTooLarge {
+        /// The file.
+        path: PathBuf,
+        /// Its size.
+        actual: u64,
+        /// The size asked for.
+        wanted: u64,
+    },
+    /// The listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The trace file could not be opened.
+    #[error("cannot open protocol trace {path}: {source}")]
+    Trace {
+        /// The target.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A required setting is missing (a config that skipped validation).
+    #[error("missing setting: {0}")]
+    Missing(&'static str),
+}
+
+/// Open the root's origin, first creating a missing file or extending a
+/// shorter one to `size` when a size is given.
+///
+/// Extending is safe (the new tail reads as zeros, which is what an unwritten
+/// volume holds); shrinking would destroy data, so a larger origin is refused.
+pub fn open_origin(
+    path: &Path,
+    size: Option<u64>,
+    chunk_size: usize,
+) -> Result<OriginStore, SetupError> {
+    let file_err = |source| SetupError::OriginFile {
+        path: path.to_path_buf(),
+        source,
+    };
+    if let Some(size) = size {
+        match std::fs::metadata(path) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let f = OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(path)
+                    .map_err(file_err)?;
+                f.set_len(size).map_err(file_err)?;
+                tracing::info!(path = %path.display(), size, "created origin");
+            }
+            Err(e) => return Err(file_err(e)),
+            Ok(m) if m.is_file() && m.len() < size => {
+                let f = OpenOptions::new()
+                    .write(true)
+                    .open(path)
+                    .map_err(file_err)?;
+                f.set_len(size).map_err(file_err)?;
+                tracing::info!(path = %path.display(), from = m.len(), to = size, "extended origin");
+            }
+            Ok(_) => {}
+        }
+    }
+    let store = OriginStore::open(path, None, chunk_size)?;
+    if let Some(wanted) = size {
+        if store.size() != wanted {
+            return Err(SetupError::OriginTooLarge {
+                path: path.to_path_buf(),
+                actual: store.size(),
+                wanted,
+            });
+        }
+    }
+    Ok(store)
+}
+
+/// Build the sans-IO node a configuration describes (opening the origin
+/// for a root).
+pub fn build_node(cfg: &PeerConfig) -> Result<Node, SetupError> {
+    let ncfg = cfg.node_config();
+    let mut node = match cfg.role {
+        PeerRole::Root => {
+            let path = cfg.origin.as_deref().ok_or(SetupError::Missing("origin"))?;
+            // Validation bounded chunk_size to 4K..=1M.
+            let chunk = usize::try_from(cfg.chunk_size()).unwrap_or(usize::MAX);
+            let store = open_origin(path, cfg.size.map(|s| s.0), chunk)?;
+            let size = store.size();
+            let chunk32 = u32::try_from(chunk).unwrap_or(u32::MAX);
+            Node::new_root(ncfg, Some(Box::new(store)), chunk32, size)
+        }
+        PeerRole::Proxy | PeerRole::Leaf => Node::new_child(ncfg),
+    };
+    node.set_push_ahead(cfg.push_ahead.unwrap_or(0));
+    Ok(node)
+}
+
+/// Where `trace_protocol` sends lines: `-` is standard output, except for
+/// a leaf, whose standard output carries command replies.
+pub fn trace_target(cfg: &PeerConfig) -> Option<TraceTarget> {
+    match cfg.trace_protocol.as_deref() {
+        None => None,
+        Some("-") if cfg.role == PeerRole::Leaf => Some(TraceTarget::Stderr),
+        Some("-") => Some(TraceTarget::Stdout),
+        Some(p) => Some(TraceTarget::File(PathBuf::from(p))),
+    }
+}
+
+/// Start a peer as `cfg` describes, on the current tokio runtime.
+pub async fn start_peer(cfg: &PeerConfig) -> Result<Peer, SetupError> {
+    let name = cfg.name();
+    let node = build_node(cfg)?;
+    let listener = match cfg.listen.as_deref() {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| SetupError::Bind {
+                    addr: addr.to_string(),
+                    source,
+                })?,
+        ),
+        None => None,
+    };
+    let trace = match trace_target(cfg) {
+        Some(t) => Some(Tracer::open(&name, &t).map_err(|source| SetupError::Trace {
+            path: cfg.trace_protocol.clone().unwrap_or_default(),
+            source,
+        })?),
+        None => None,
+    };
+    let peer = driver::start(
+        node,
+        DriverOptions {
+            name: name.clone(),
+            listener,
+            parent: cfg.parent.clone(),
+            trace,
+        },
+    );
+    if let Some(addr) = peer.local_addr() {
+        tracing::info!(node = %name, %addr, role = cfg.role.name(), volume = %cfg.volume, "listening");
+    }
+    Ok(peer)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn origin_is_created_extended_and_never_shrunk() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("o.img");
+        let s = open_origin(&p, Some(64 << 10), 4096).unwrap();
+        assert_eq!(s.size(), 64 << 10);
+        drop(s);
+        let s = open_origin(&p, Some(128 << 10), 4096).unwrap();
+        assert_eq!(s.size(), 128 << 10);
+        drop(s);
+        assert_eq!(open_origin(&p, None, 4096).unwrap().size(), 128 << 10);
+        let e = open_origin(&p, Some(64 << 10), 4096).err().unwrap();
+        assert!(e.to_string().contains("refusing to shrink"), "{e}");
+        let e = open_origin(&dir.path().join("none"), None, 4096)
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("does not exist"), "{e}");
+    }
+}
