@@ -565,11 +565,7 @@ impl Node {
             // `held`, not `usable`: recalling is about coherence, and an
             // expired TTL does not make a child's older dirty copy go away.
             if self.held(e) >= need {
-                let target = if need == Perm::Write {
-                    Perm::No
-                } else {
-                    Perm::Read
-                };
+                let target = recall_target(need);
                 let victims = Self::conflicts(e, requester, target);
                 if !victims.is_empty() {
                     self.start_recall(chunk, victims, target);
@@ -583,11 +579,7 @@ impl Node {
             return self.acquire(chunk, &req, need, now);
         }
 
-        let target = if need == Perm::Write {
-            Perm::No
-        } else {
-            Perm::Read
-        };
+        let target = recall_target(need);
         let victims = Self::conflicts(e, requester, target);
         if !victims.is_empty() {
             self.start_recall(chunk, victims, target);
@@ -911,16 +903,7 @@ impl Node {
                 let fresh = match self.table.get(&chunk) {
                     Some(e)
                         if self.usable(e, now) >= want
-                            && Self::conflicts(
-                                e,
-                                Some(child),
-                                if want == Perm::Write {
-                                    Perm::No
-                                } else {
-                                    Perm::Read
-                                },
-                            )
-                            .is_empty() =>
+                            && Self::conflicts(e, Some(child), recall_target(want)).is_empty() =>
                     {
                         want
                     }
@@ -1034,6 +1017,16 @@ impl Node {
         let Some(head) = e.queue.front() else { return };
         let from = head.from.clone();
         self.answer(&from, Err(status));
+    }
+}
+
+/// What other children may keep while a request for `need` is granted:
+/// nothing beside a writer, READ beside a reader.
+fn recall_target(need: Perm) -> Perm {
+    if need == Perm::Write {
+        Perm::No
+    } else {
+        Perm::Read
     }
 }
 
