@@ -258,11 +258,22 @@ impl Node {
                 // (it never lowers a record, so this is not less than our
                 // children hold).
                 let put = put_data(e);
+                // A semi-sync PUT left the data with the parent only: dropping
+                // our copy later owes a FORWARD.
+                let semi = matches!(
+                    e.queue.front().map(|p| &p.req),
+                    Some(crate::entry::Req::Write {
+                        semi: true,
+                        sync: false,
+                        ..
+                    })
+                );
                 if granted > Perm::No {
                     e.held = granted;
                     e.expiry = Some(expiry);
                     e.data = put;
                     e.dirty = false;
+                    e.forward_duty = semi;
                     self.dirty.remove(&chunk);
                 } else {
                     self.drop_copy(chunk);

@@ -718,17 +718,18 @@ impl Node {
         // out may still have a subtree holding what it was given.
         let want = want.max(e.child_perm(child));
         e.set_child(child, want);
-        let ttl = self.ttl_for_child(self.table.get(&chunk).unwrap_or(&Entry::default()), now);
+        let ttl = self
+            .table
+            .get(&chunk)
+            .map_or(0, |e| self.ttl_for_child(e, now));
         let mut m = Message::new(Opcode::OkReply, xid);
         m.params.volume_id = Some(self.cfg.child_volume_id);
         m.params.block_num = Some(chunk);
         m.params.permissions = Some(want);
         m.params.ttl_ms = Some(ttl);
-        if let Some(Upstream::Connected { hb_ttl_ms, .. }) = Some(&self.upstream) {
-            m.params.hb_ttl_ms = Some(*hb_ttl_ms);
-        } else if self.is_root() {
-            m.params.hb_ttl_ms = Some(self.cfg.hb_ttl_ms);
-        }
+        // A child node adopted its parent's HB_TTL on CONNECT; it passes the
+        // same value on, unreduced (seed example 1).
+        m.params.hb_ttl_ms = Some(self.cfg.hb_ttl_ms);
         if self.chunk_size > 0 {
             m.params.data = data;
         }
