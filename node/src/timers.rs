@@ -178,6 +178,11 @@ impl Node {
         if self.cfg.role == Role::Root {
             return;
         }
+        // Rows bound the chunks with data: skip the count while they fit,
+        // which is every call on a node below capacity.
+        if self.table.len() <= self.cfg.capacity_chunks {
+            return;
+        }
         let held = self.table.values().filter(|e| e.data.is_some()).count();
         let mut excess = held.saturating_sub(self.cfg.capacity_chunks);
         if excess == 0 {
