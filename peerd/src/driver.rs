@@ -633,11 +633,16 @@ impl NodeTask {
     /// Dirty chunks went up before this (see `run`), so an async writer's
     /// acknowledged writes survive a clean stop.
     async fn stop(mut self) {
+        // Awaited after the abort: the listening socket is closed only when
+        // the task is dropped, and a restart on the same address must find
+        // it free once shutdown() has returned.
         if let Some(a) = self.acceptor.take() {
             a.abort();
+            let _ = a.await;
         }
         if let Some(d) = self.dialer.take() {
             d.abort();
+            let _ = d.await;
         }
         let mut writers = Vec::new();
         if self.parent.is_some() {
