@@ -414,6 +414,21 @@ impl Node {
         self.dirty.remove(&chunk);
     }
 
+    /// Queue a request on its chunk's row and serve what can be served.
+    pub(crate) fn enqueue(&mut self, chunk: u64, from: Requester, req: Req, now: Millis) {
+        let e = self.table.entry(chunk).or_default();
+        e.queue.push_back(Pending {
+            from,
+            req,
+            applied: false,
+            propagated: false,
+        });
+        self.touch(chunk);
+        self.run(chunk, now);
+        self.maybe_evict(now);
+        self.arm_sync(now);
+    }
+
     /// Serve what can be served on `chunk`; stop at the first wait.
     pub(crate) fn run(&mut self, chunk: u64, now: Millis) {
         // Bounded: every pass either returns or pops something.

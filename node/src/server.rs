@@ -5,7 +5,7 @@ use bytes::Bytes;
 use canopy_proto::{ConnectFlags, Flags, IoOp, Message, Opcode, ParamType, Perm, Status};
 
 use crate::config::WriteMode;
-use crate::entry::{Pending, Req, Requester};
+use crate::entry::{Req, Requester};
 use crate::node::{ChildConn, Node, Outstanding, Upstream};
 use crate::{ChildId, Millis};
 
@@ -207,17 +207,7 @@ impl Node {
                 }
             }
         };
-        let e = self.table.entry(chunk).or_default();
-        e.queue.push_back(Pending {
-            from,
-            req,
-            applied: false,
-            propagated: false,
-        });
-        self.touch(chunk);
-        self.run(chunk, now);
-        self.maybe_evict(now);
-        self.arm_sync(now);
+        self.enqueue(chunk, from, req, now);
     }
 
     /// LOCK to a lower permission: applied at once, since giving up never waits.

@@ -4,7 +4,7 @@
 use canopy_proto::{IoOp, Message, Opcode, Perm, Status};
 
 use crate::config::{Role, WriteMode};
-use crate::entry::{Pending, Req, Requester};
+use crate::entry::{Req, Requester};
 use crate::local::{LocalId, LocalOp, LocalReply};
 use crate::node::{Action, Node, Outstanding, Upstream};
 use crate::Millis;
@@ -268,17 +268,7 @@ impl Node {
             }
             LocalOp::Lock { perm, .. } => Req::Lock { perm },
         };
-        let e = self.table.entry(chunk).or_default();
-        e.queue.push_back(Pending {
-            from: Requester::Local(id),
-            req,
-            applied: false,
-            propagated: false,
-        });
-        self.touch(chunk);
-        self.run(chunk, now);
-        self.maybe_evict(now);
-        self.arm_sync(now);
+        self.enqueue(chunk, Requester::Local(id), req, now);
     }
 
     /// Start the sync daemon's clock once something is dirty, so its first
