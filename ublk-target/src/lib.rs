@@ -16,6 +16,7 @@
 pub mod addconfig;
 pub mod control;
 pub mod device;
+pub mod errline;
 pub mod namespace;
 pub mod origin;
 pub mod size;

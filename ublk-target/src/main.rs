@@ -214,7 +214,7 @@ fn main() -> ExitCode {
     let cli = match expand_config(std::env::args().collect()) {
         Ok(args) => Cli::parse_from(args),
         Err(e) => {
-            eprintln!("canopy-ublk: {e:#}");
+            eprintln!("canopy-ublk: {}", canopy_ublk::errline::one_line(&e));
             return ExitCode::FAILURE;
         }
     };
@@ -222,7 +222,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // One line: the chain of causes, most general first.
-            eprintln!("canopy-ublk: {e:#}");
+            eprintln!("canopy-ublk: {}", canopy_ublk::errline::one_line(&e));
             ExitCode::FAILURE
         }
     }
