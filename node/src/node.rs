@@ -29,7 +29,7 @@ pub enum Action {
 }
 
 /// Counters, for `stats` and the simulation's checks.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct NodeStats {
     /// IO_REQUESTs received from children.
     pub child_requests: u64,

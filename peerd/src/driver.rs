@@ -28,7 +28,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use canopy_node::{Action, ChildId, LocalId, LocalOp, LocalReply, Node};
+use canopy_node::{Action, ChildId, LocalId, LocalOp, LocalReply, Node, NodeStats};
 use canopy_proto::frame::{split_frame, write_frame};
 use canopy_proto::{decode, DecodeError, Message, Opcode, Perm, Status};
 use serde::Serialize;
@@ -108,26 +108,9 @@ pub struct PeerStats {
     pub chunk_size: u32,
     /// Volume size in bytes (0 until connected).
     pub volume_size: u64,
-    /// IO_REQUESTs received from children.
-    pub child_requests: u64,
-    /// Requests sent to the parent.
-    pub parent_requests: u64,
-    /// INVALIDATEs sent to children.
-    pub invalidates_sent: u64,
-    /// INVALIDATEs received from the parent.
-    pub invalidates_received: u64,
-    /// Local requests completed.
-    pub local_done: u64,
-    /// Chunks given back to stay under capacity.
-    pub evictions: u64,
-    /// FLUSHes sent by the sync daemon.
-    pub sync_flushes: u64,
-    /// PUSHes sent to children.
-    pub pushes_sent: u64,
-    /// ERR_REPLYs sent.
-    pub errors_sent: u64,
-    /// Dirty chunks lost with the parent.
-    pub lost_dirty: u64,
+    /// The node's own counters, flattened into the same JSON object.
+    #[serde(flatten)]
+    pub node: NodeStats,
     /// Messages that did not decode.
     pub decode_errors: u64,
 }
@@ -605,7 +588,6 @@ impl NodeTask {
     }
 
     fn stats(&self) -> PeerStats {
-        let s = self.node.stats();
         PeerStats {
             name: self.name.clone(),
             root: self.node.is_root(),
@@ -614,16 +596,7 @@ impl NodeTask {
             children: self.children.len(),
             chunk_size: self.node.chunk_size(),
             volume_size: self.node.volume_size(),
-            child_requests: s.child_requests,
-            parent_requests: s.parent_requests,
-            invalidates_sent: s.invalidates_sent,
-            invalidates_received: s.invalidates_received,
-            local_done: s.local_done,
-            evictions: s.evictions,
-            sync_flushes: s.sync_flushes,
-            pushes_sent: s.pushes_sent,
-            errors_sent: s.errors_sent,
-            lost_dirty: s.lost_dirty,
+            node: self.node.stats().clone(),
             decode_errors: self.decode_errors,
         }
     }
