@@ -18,7 +18,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
-use canopy_ublk::size::ByteSize;
+use canopy_origin::size::ByteSize;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 /// Where a node sits in the tree.
@@ -397,7 +397,7 @@ impl PeerConfig {
         if let Some(cs) = self.chunk_size {
             let ok = usize::try_from(cs.0)
                 .ok()
-                .is_some_and(|n| canopy_ublk::origin::check_chunk_size(n).is_ok());
+                .is_some_and(|n| canopy_origin::check_chunk_size(n).is_ok());
             if !ok {
                 return Err(format!(
                     "chunk_size = {cs} must be a power of two between 4K and 1M"
@@ -405,7 +405,7 @@ impl PeerConfig {
             }
         }
         if let Some(s) = self.size {
-            canopy_ublk::origin::check_volume_size(s.0).map_err(|e| format!("size: {e}"))?;
+            canopy_origin::check_volume_size(s.0).map_err(|e| format!("size: {e}"))?;
         }
         if self.cache_chunks == Some(0) {
             return Err("cache_chunks must be at least 1".into());

@@ -6,6 +6,7 @@
 
 pub mod config;
 pub mod driver;
+pub mod errline;
 pub mod lines;
 pub mod setup;
 pub mod trace;

@@ -233,7 +233,7 @@ fn main() -> ExitCode {
     match real_main(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("canopy-peerd: {}", canopy_ublk::errline::one_line(&e));
+            eprintln!("canopy-peerd: {}", canopy_peerd::errline::one_line(&e));
             ExitCode::FAILURE
         }
     }

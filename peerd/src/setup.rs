@@ -5,7 +5,7 @@ use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
 
 use canopy_node::Node;
-use canopy_ublk::origin::{OriginError, OriginStore};
+use canopy_origin::{OriginError, OriginStore};
 use tokio::net::TcpListener;
 
 use crate::config::{PeerConfig, PeerRole};

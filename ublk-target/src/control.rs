@@ -16,9 +16,9 @@ use std::time::Duration;
 use canopy_cache::{HashKind, Medium, Reconfig, StackStats, TierConfig};
 use serde::{Deserialize, Serialize};
 
-use crate::origin::OriginStats;
 use crate::spec::tier_geometry;
 use crate::volume::{CacheMode, Volume};
+use canopy_origin::OriginStats;
 
 /// Directory holding the control sockets.
 pub const RUN_DIR: &str = "/run/canopy";

@@ -19,9 +19,9 @@ use libublk::{BufDesc, UblkFlags, UblkIORes};
 use nix::sys::signal::{SigSet, Signal};
 
 use crate::control::{self, ControlServer};
-use crate::origin::OriginStore;
 use crate::spec::VolumeSpec;
 use crate::volume::{Op, Volume};
+use canopy_origin::OriginStore;
 
 /// Largest request the kernel sends us (libublk's default buffer size).
 const IO_BUF_BYTES: u32 = 512 << 10;

@@ -3,22 +3,17 @@
 //! node, in its embedded single-node form).
 //!
 //! Layout:
-//! - [`origin`]: the authoritative store (file or block device, O_DIRECT).
 //! - [`volume`]: block requests mapped onto cache chunks; no ublk in it, so
 //!   it is tested on hosts without the driver.
 //! - [`spec`]: what a volume is made of, saved for `recover`.
 //! - [`device`]: the libublk daemon (queues, signals, recovery).
 //! - [`control`]: the control socket for stats and live reconfiguration.
 //! - [`namespace`]: the daemon's private mount namespace.
-//! - [`size`]: size strings on the command line.
 #![warn(missing_docs)]
 
 pub mod addconfig;
 pub mod control;
 pub mod device;
-pub mod errline;
 pub mod namespace;
-pub mod origin;
-pub mod size;
 pub mod spec;
 pub mod volume;

@@ -5,10 +5,10 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
 use canopy_cache::{HashKind, Medium};
+use canopy_origin::size::ByteSize;
+use canopy_origin::{check_chunk_size, check_volume_size, OriginError, OriginStore};
 use canopy_ublk::control::{self, CacheChange, Reply, Report, Request};
 use canopy_ublk::device::{self, ServeOptions};
-use canopy_ublk::origin::{check_chunk_size, check_volume_size, OriginError, OriginStore};
-use canopy_ublk::size::ByteSize;
 use canopy_ublk::spec::{cache_layout, VolumeSpec, SPEC_VERSION};
 use canopy_ublk::volume::CacheMode;
 use clap::{Args, Parser, Subcommand};
@@ -214,7 +214,7 @@ fn main() -> ExitCode {
     let cli = match expand_config(std::env::args().collect()) {
         Ok(args) => Cli::parse_from(args),
         Err(e) => {
-            eprintln!("canopy-ublk: {}", canopy_ublk::errline::one_line(&e));
+            eprintln!("canopy-ublk: {}", canopy_peerd::errline::one_line(&e));
             return ExitCode::FAILURE;
         }
     };
@@ -222,7 +222,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             // One line: the chain of causes, most general first.
-            eprintln!("canopy-ublk: {}", canopy_ublk::errline::one_line(&e));
+            eprintln!("canopy-ublk: {}", canopy_peerd::errline::one_line(&e));
             ExitCode::FAILURE
         }
     }

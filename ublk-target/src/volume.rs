@@ -13,7 +13,7 @@ use std::sync::Arc;
 use canopy_cache::{CacheError, CacheStack};
 use serde::{Deserialize, Serialize};
 
-use crate::origin::OriginStore;
+use canopy_origin::OriginStore;
 
 /// When a write counts as done.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use canopy_cache::{CacheConfig, CacheStack, HashKind, Medium, TierConfig};
-use canopy_ublk::origin::OriginStore;
+use canopy_origin::OriginStore;
 use canopy_ublk::volume::{CacheMode, Op, Volume};
 use proptest::prelude::*;
 
