@@ -85,6 +85,10 @@ impl Node {
                 self.start_recall(*chunk, victims, Perm::No);
             }
         }
+        // Writes acknowledged but not yet durable at the root may have died
+        // with the parent (our dirty copies just did): the next `Sync` on
+        // each such chunk reports it rather than syncing what is left.
+        self.unsynced_lost.extend(self.unsynced.iter().copied());
         for (id, _) in std::mem::take(&mut self.waiting_local) {
             self.local_done(id, Err(Status::ParentUnavailable));
         }
@@ -158,6 +162,11 @@ impl Node {
                 let hb = m.params.hb_ttl_ms.unwrap_or(self.cfg.hb_ttl_ms);
                 self.chunk_size = m.params.chunk_size.unwrap_or(0);
                 self.volume_size = m.params.volume_size.unwrap_or(0);
+                if let Some(bytes) = self.cfg.capacity_bytes {
+                    let chunk = u64::from(self.chunk_size.max(1));
+                    let chunks = usize::try_from(bytes / chunk).unwrap_or(usize::MAX);
+                    self.cfg.capacity_chunks = chunks.max(1);
+                }
                 // Our children get the parent's global TTL, unchanged (seed example 1).
                 self.cfg.hb_ttl_ms = hb;
                 self.upstream = Upstream::Connected {
@@ -210,6 +219,14 @@ impl Node {
         }
         e.up = None;
         if !ok {
+            // `flush_up` cleared `dirty` when it sent our copy, but a refused
+            // FLUSH may not have stored it. While we still hold WRITE our copy
+            // is the newest there is, so sending it again later is harmless
+            // and losing track of it is not.
+            if kind == UpKind::Flush && e.held == Perm::Write && e.data.is_some() && !e.dirty {
+                e.dirty = true;
+                self.dirty.insert(chunk);
+            }
             let status = m.params.status.unwrap_or(Status::IoError);
             self.fail_head(chunk, status);
             if let Some(e) = self.table.get_mut(&chunk) {

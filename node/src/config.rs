@@ -69,6 +69,9 @@ pub struct NodeConfig {
     /// Chunks with data this node keeps before it gives the least recently
     /// used ones back to its parent.
     pub capacity_chunks: usize,
+    /// The same limit in bytes: when set, `capacity_chunks` is recomputed
+    /// from it once the parent announces the chunk size (at least one chunk).
+    pub capacity_bytes: Option<u64>,
     /// How this node's own local writes are acknowledged.
     pub write_mode: WriteMode,
     /// Send CONNECT only when a child or local request needs the volume
@@ -87,6 +90,7 @@ impl NodeConfig {
             hb_ttl_ms: 30_000,
             sync_interval_ms: 5_000,
             capacity_chunks: 4096,
+            capacity_bytes: None,
             write_mode: WriteMode::Sync,
             connect_lazily: false,
         }

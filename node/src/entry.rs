@@ -29,10 +29,11 @@ pub(crate) enum Req {
     Grant { want: Perm, lock: bool },
     /// Child PUT: store `data`, then hand out `want`.
     Put { data: Bytes, want: Perm, sync: bool },
-    /// After a child's FLUSH: send our copy up before replying. `sync`: to
-    /// the root (everything the child sent must be durable there); otherwise
-    /// one level (a proxy passing on a chunk its writer gave up, keeping
-    /// `keep`, as in seed example 4).
+    /// After a child's FLUSH, or for a local `Sync`: send our copy up before
+    /// replying. `sync`: to the root (everything the child sent, or the
+    /// local user wrote, must be durable there); otherwise one level (a
+    /// proxy passing on a chunk its writer gave up, keeping `keep`, as in
+    /// seed example 4).
     PassUp { sync: bool, keep: Perm },
     /// Child FORWARD: send our copy one level up.
     Forward,

@@ -35,6 +35,18 @@ pub enum LocalOp {
         /// What to hold afterwards.
         perm: Perm,
     },
+    /// Make every write to `chunk` acknowledged to the local user before this
+    /// request durable at the root (the root has fdatasynced its origin), as
+    /// a block device's FLUSH needs in async and semi-sync mode. It sends a
+    /// FLUSH with FORCE_SYNC up the tree, carrying our copy if dirty and
+    /// otherwise as a barrier that makes every node on the way push what it
+    /// holds. The permission held is kept. Answered `Done`; an error if the
+    /// parent is unreachable, or (once) if the parent was lost while such
+    /// writes were not yet durable.
+    Sync {
+        /// Chunk number.
+        chunk: u64,
+    },
 }
 
 impl LocalOp {
@@ -43,7 +55,8 @@ impl LocalOp {
         match self {
             LocalOp::Read { chunk }
             | LocalOp::Write { chunk, .. }
-            | LocalOp::Lock { chunk, .. } => *chunk,
+            | LocalOp::Lock { chunk, .. }
+            | LocalOp::Sync { chunk } => *chunk,
         }
     }
 }
@@ -53,6 +66,7 @@ impl LocalOp {
 pub enum LocalReply {
     /// The chunk's contents (for Read).
     Data(Bytes),
-    /// Written with the durability the mode promises, or lock state changed.
+    /// Written with the durability the mode promises, lock state changed,
+    /// or synced.
     Done,
 }

@@ -29,7 +29,7 @@ pub enum Action {
 }
 
 /// Counters, for `stats` and the simulation's checks.
-#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct NodeStats {
     /// IO_REQUESTs received from children.
     pub child_requests: u64,
@@ -123,6 +123,14 @@ pub struct Node {
     /// Eviction order: touch tick → chunk.
     pub(crate) lru: BTreeMap<u64, u64>,
     pub(crate) dirty: BTreeSet<u64>,
+    /// Chunks with a local write acknowledged but not yet known durable at
+    /// the root (see [`Node::unsynced_chunks`]). Kept apart from the rows
+    /// because the data may have left this node (sync daemon, eviction,
+    /// INVALIDATE) and still sit non-durably further up.
+    pub(crate) unsynced: BTreeSet<u64>,
+    /// Unsynced chunks whose data may have been lost with a parent: the next
+    /// `Sync` on each reports the loss instead of claiming durability.
+    pub(crate) unsynced_lost: BTreeSet<u64>,
     pub(crate) next_heartbeat: Option<Millis>,
     pub(crate) next_sync: Option<Millis>,
     pub(crate) stats: NodeStats,
@@ -173,6 +181,8 @@ impl Node {
             tick: 0,
             lru: BTreeMap::new(),
             dirty: BTreeSet::new(),
+            unsynced: BTreeSet::new(),
+            unsynced_lost: BTreeSet::new(),
             next_heartbeat: None,
             next_sync: None,
             stats: NodeStats::default(),
@@ -371,6 +381,8 @@ impl Node {
                         tracing::error!(error = %e, "origin sync failed");
                         return Err(Status::IoError);
                     }
+                    // fdatasync covers every chunk written before it.
+                    self.unsynced.clear();
                 }
             }
             return Ok(());
@@ -389,6 +401,11 @@ impl Node {
                 tracing::error!(error = %e, "origin sync failed");
                 return Err(Status::IoError);
             }
+        }
+        // fdatasync covers every chunk written before it (only the root has
+        // an origin; a child's set is cleared per chunk by a sync FLUSH).
+        if self.is_root() {
+            self.unsynced.clear();
         }
         Ok(())
     }
@@ -573,19 +590,19 @@ impl Node {
         };
 
         // A write whose data already went as far as it must is never
-        // applied again. If we still hold the permission, children with the
-        // old contents are recalled first, so nobody reads them after the
-        // reply; otherwise an INVALIDATE already did that.
+        // applied again. Children with the old contents are recalled first,
+        // so nobody reads them after the reply. That holds even if we no
+        // longer hold WRITE: an INVALIDATE that took it recalled them only
+        // down to its own target, and a PUT answered with READ (our parent
+        // was invalidated to READ while the write went up) recalled nobody,
+        // so children may still hold READ on what this write replaced. With
+        // nothing held, no child holds anything and this is a no-op.
         if applied && propagated {
-            // `held`, not `usable`: recalling is about coherence, and an
-            // expired TTL does not make a child's older dirty copy go away.
-            if self.held(e) >= need {
-                let target = recall_target(need);
-                let victims = Self::conflicts(e, requester, target);
-                if !victims.is_empty() {
-                    self.start_recall(chunk, victims, target);
-                    return Step::Wait;
-                }
+            let target = recall_target(need);
+            let victims = Self::conflicts(e, requester, target);
+            if !victims.is_empty() {
+                self.start_recall(chunk, victims, target);
+                return Step::Wait;
             }
             return self.finish_write(chunk, &from, &req, now);
         }
@@ -905,7 +922,20 @@ impl Node {
     /// Reply to a write whose data is where its mode needs it.
     fn finish_write(&mut self, chunk: u64, from: &Requester, req: &Req, now: Millis) -> Step {
         match *from {
-            Requester::Local(id) => self.local_done(id, Ok(LocalReply::Done)),
+            Requester::Local(id) => {
+                if matches!(req, Req::Write { sync: true, .. }) {
+                    // The whole chunk went to the root with FORCE_SYNC (a
+                    // full-chunk PUT, or our copy in a FLUSH that pushed
+                    // whatever sat above us), so earlier local writes to it
+                    // are durable too.
+                    self.unsynced.remove(&chunk);
+                } else if matches!(req, Req::Write { .. }) {
+                    // Acknowledged before the root made it durable: a later
+                    // `Sync` must push it there.
+                    self.unsynced.insert(chunk);
+                }
+                self.local_done(id, Ok(LocalReply::Done));
+            }
             Requester::Child { child, xid, .. } => {
                 let want = match req {
                     Req::Put { want, .. } => *want,
@@ -963,6 +993,17 @@ impl Node {
             let r = if sync { self.origin_sync() } else { Ok(()) };
             self.answer(from, r.map(|()| LocalReply::Done));
             return Step::Done;
+        }
+        if propagated && sync {
+            // The root has fdatasynced everything this node had sent up on
+            // this chunk before the FLUSH, and the FLUSH carried our copy if
+            // it was dirty. No write completed meanwhile (this request was at
+            // the head of the queue), so every local write acknowledged so far
+            // is durable and a semi-sync FORWARD is no longer owed.
+            self.unsynced.remove(&chunk);
+            if let Some(e) = self.table.get_mut(&chunk) {
+                e.forward_duty = false;
+            }
         }
         let dirty = self
             .table

@@ -267,6 +267,23 @@ impl Node {
                 return;
             }
             LocalOp::Lock { perm, .. } => Req::Lock { perm },
+            LocalOp::Sync { .. } => {
+                if self.unsynced_lost.remove(&chunk) {
+                    // Writes to it were acknowledged, then the parent was
+                    // lost before they were durable: say so once. The chunk
+                    // stays unsynced, so the next Sync pushes what is left.
+                    tracing::error!(chunk, "acknowledged writes may be lost with the parent");
+                    self.local_done(id, Err(Status::IoError));
+                    return;
+                }
+                // A FORCE_SYNC FLUSH (a barrier when our copy is clean) makes
+                // every node on the way push what it holds and the root
+                // fdatasync. `keep` is capped at what we hold: nothing given up.
+                Req::PassUp {
+                    sync: true,
+                    keep: Perm::Write,
+                }
+            }
         };
         self.enqueue(chunk, Requester::Local(id), req, now);
     }
@@ -310,5 +327,21 @@ impl Node {
     /// Chunks whose newest data is only here (async writes not yet sent up).
     pub fn dirty_chunks(&self) -> usize {
         self.dirty.len()
+    }
+
+    /// Chunks, in ascending order, whose newest locally acknowledged write
+    /// may not be durable at the root yet: a device FLUSH sends
+    /// [`LocalOp::Sync`] for each of them and for no other.
+    ///
+    /// This covers more than the dirty chunks and those owing a semi-sync
+    /// FORWARD: data the sync daemon, an eviction or an INVALIDATE answer
+    /// sent up without FORCE_SYNC may still sit dirty at a proxy or unsynced
+    /// in the root's origin, so a chunk leaves the set only when a sync write
+    /// or a `Sync` on it completes (at the root, when the origin is
+    /// fdatasynced). Empty in sync mode, and on a root whose own writes are
+    /// sync. The set is kept as writes complete, so this costs one copy of
+    /// it: the chunks written since the last FLUSH.
+    pub fn unsynced_chunks(&self) -> Vec<u64> {
+        self.unsynced.iter().copied().collect()
     }
 }

@@ -10,7 +10,10 @@
 //! (ii) every read returns the latest write completed before it started or
 //!     one concurrent with it (per 8-byte register), and reads never go back
 //!     in time;
-//! (iii) an acknowledged sync write is at the root when acknowledged, and
+//! (iii) an acknowledged sync write is durable at the root (fdatasynced)
+//!     when acknowledged; a leaf's flush (a `Sync` for each chunk
+//!     `unsynced_chunks` names) leaves every write the leaf had
+//!     acknowledged before it durable at the root, or something newer; and
 //!     after the run every final value is at the root;
 //! (iv) with the scheduler made fair at the end, every request completes.
 //! Locks on a dedicated chunk are checked for mutual exclusion.
@@ -54,23 +57,31 @@ impl Rng {
     }
 }
 
-/// The root's store, shared with the checker.
+/// The root's store, shared with the checker. Like a disk with a volatile
+/// cache: writes land in `written` and become `durable` only at the next
+/// `sync` (fdatasync), so the checks can tell data the root has from data
+/// that would survive its crash.
 #[derive(Clone)]
-struct MemOrigin(Arc<Mutex<Vec<u8>>>);
+struct MemOrigin {
+    written: Arc<Mutex<Vec<u8>>>,
+    durable: Arc<Mutex<Vec<u8>>>,
+}
 impl Backing for MemOrigin {
     fn read_chunk(&self, chunk: u64, buf: &mut [u8]) -> std::io::Result<()> {
-        let v = self.0.lock().unwrap();
+        let v = self.written.lock().unwrap();
         let off = chunk as usize * CHUNK;
         buf.copy_from_slice(&v[off..off + CHUNK]);
         Ok(())
     }
     fn write_chunk(&self, chunk: u64, data: &[u8]) -> std::io::Result<()> {
-        let mut v = self.0.lock().unwrap();
+        let mut v = self.written.lock().unwrap();
         let off = chunk as usize * CHUNK;
         v[off..off + CHUNK].copy_from_slice(data);
         Ok(())
     }
     fn sync(&self) -> std::io::Result<()> {
+        let v = self.written.lock().unwrap();
+        self.durable.lock().unwrap().copy_from_slice(&v);
         Ok(())
     }
     fn zero_chunk(&self, chunk: u64) -> std::io::Result<()> {
@@ -78,8 +89,22 @@ impl Backing for MemOrigin {
     }
 }
 impl MemOrigin {
+    fn new() -> Self {
+        let zeros = vec![0; CHUNK * CHUNKS as usize];
+        MemOrigin {
+            written: Arc::new(Mutex::new(zeros.clone())),
+            durable: Arc::new(Mutex::new(zeros)),
+        }
+    }
+    /// The register as the root has it (written, maybe not yet synced).
     fn register(&self, chunk: u64, half: usize) -> u64 {
-        let v = self.0.lock().unwrap();
+        Self::at(&self.written.lock().unwrap(), chunk, half)
+    }
+    /// The register as it would survive a crash of the root.
+    fn durable_register(&self, chunk: u64, half: usize) -> u64 {
+        Self::at(&self.durable.lock().unwrap(), chunk, half)
+    }
+    fn at(v: &[u8], chunk: u64, half: usize) -> u64 {
         let off = chunk as usize * CHUNK + half * 8;
         u64::from_le_bytes(v[off..off + 8].try_into().unwrap())
     }
@@ -95,7 +120,17 @@ enum OpKind {
         sync: bool,
     },
     Lock(Perm),
+    /// A device FLUSH: a `Sync` for each of `chunks` (the leaf's
+    /// `unsynced_chunks` at issue time), `left` of them not yet answered.
+    Flush {
+        chunks: Vec<u64>,
+        left: usize,
+    },
 }
+
+/// A flush's `Sync` number `k` for op `idx` is `LocalId(idx + (k + 1) * SUB)`,
+/// so one op can have several local requests in flight.
+const SUB: u64 = 1 << 32;
 
 #[derive(Clone, Debug)]
 struct Op {
@@ -150,7 +185,7 @@ impl Sim {
             Some(2),
         ];
         let leaves = vec![5, 6, 7, 8];
-        let origin = MemOrigin(Arc::new(Mutex::new(vec![0; CHUNK * CHUNKS as usize])));
+        let origin = MemOrigin::new();
         let mut nodes = Vec::new();
         let mut modes = Vec::new();
         for (i, p) in parent.iter().enumerate() {
@@ -245,12 +280,46 @@ impl Sim {
     }
 
     fn complete(&mut self, leaf: usize, id: LocalId, r: Result<LocalReply, canopy_proto::Status>) {
-        let idx = id.0 as usize;
+        let idx = (id.0 % SUB) as usize;
         if self.running.get(&leaf) != Some(&idx) {
             self.fail(format!(
                 "completion for op {idx} not running at {}",
                 self.names[leaf]
             ));
+        }
+        if let OpKind::Flush { chunks, left } = &self.ops[idx].kind {
+            let k = (id.0 / SUB) as usize;
+            let left = *left;
+            if k == 0 || k > chunks.len() || left == 0 {
+                self.fail(format!("unexpected completion {} of flush {idx}", id.0));
+            }
+            let left = left - 1;
+            if let OpKind::Flush { left: l, .. } = &mut self.ops[idx].kind {
+                *l = left;
+            }
+            if self.verbose {
+                println!(
+                    "{:>5} {} sync {k} of flush {idx} done: {r:?}",
+                    self.step, self.names[leaf]
+                );
+            }
+            if let Err(s) = r {
+                self.ops[idx].failed = true;
+                self.fail(format!(
+                    "sync of flush {idx} at {} failed: {s}",
+                    self.names[leaf]
+                ));
+            }
+            if left > 0 {
+                return;
+            }
+            self.running.remove(&leaf);
+            self.ops[idx].end = Some(self.step);
+            if self.verbose {
+                println!("{:>5} {} done flush {idx}", self.step, self.names[leaf]);
+            }
+            self.check_flush(idx);
+            return;
         }
         self.running.remove(&leaf);
         let step = self.step;
@@ -293,15 +362,52 @@ impl Sim {
                 sync: true,
                 ref halves,
             } => {
-                // (iii) at acknowledgement the root holds it, or something not older.
+                // (iii) at acknowledgement the root holds it durably, or
+                // something not older.
                 for &h in halves {
-                    let at_root = self.origin.register(op.chunk, h);
-                    if at_root != tag && self.older_than(op.chunk, h, at_root, &op) {
-                        self.fail(format!("sync write {tag} of chunk {} half {h} acknowledged but root holds {at_root}", op.chunk));
+                    let at_root = self.origin.durable_register(op.chunk, h);
+                    if self.stale(op.chunk, h, at_root, tag, &op) {
+                        self.fail(format!("(iii) sync write {tag} of chunk {} half {h} acknowledged but the root holds {at_root} durably", op.chunk));
                     }
                 }
             }
             _ => {}
+        }
+    }
+
+    /// Whether `value`, found where the write `w` of `tag` should be, is
+    /// older than it: the initial zero always is, and so is a value whose
+    /// write finished before `w` started. Concurrent writes may have been
+    /// ordered either way, so they pass.
+    fn stale(&self, chunk: u64, half: usize, value: u64, tag: u64, w: &Op) -> bool {
+        value != tag && (value == 0 || self.older_than(chunk, half, value, w))
+    }
+
+    /// (iii) for a flush that just completed: for every register, the last
+    /// write this leaf had acknowledged before the flush was issued is
+    /// durable at the root, or something newer is.
+    fn check_flush(&self, idx: usize) {
+        let f = &self.ops[idx];
+        for chunk in 0..LOCK_CHUNK {
+            for h in 0..2 {
+                let last = self.ops[..idx].iter().rev().find(|w| {
+                    w.leaf == f.leaf
+                        && w.chunk == chunk
+                        && writes(w, h).is_some()
+                        && w.end.is_some_and(|e| e < f.start)
+                });
+                let Some((w, tag)) = last.and_then(|w| writes(w, h).map(|t| (w, t))) else {
+                    continue;
+                };
+                let durable = self.origin.durable_register(chunk, h);
+                if self.stale(chunk, h, durable, tag, w) {
+                    self.fail(format!(
+                        "(iii) flush {idx} at {} done but chunk {chunk} half {h}: write {tag} acknowledged before it, the root holds {durable} durably (written: {})",
+                        self.names[f.leaf],
+                        self.origin.register(chunk, h)
+                    ));
+                }
+            }
         }
     }
 
@@ -324,7 +430,51 @@ impl Sim {
             .find(|w| w.chunk == chunk && writes(w, half) == Some(value))
     }
 
+    /// A device FLUSH at `leaf`: a `Sync` for every chunk the node says may
+    /// not be durable yet, all at once; with none it is complete at once.
+    fn start_flush(&mut self, leaf: usize) {
+        let chunks = self.nodes[leaf].unsynced_chunks();
+        if !chunks.windows(2).all(|w| w[0] < w[1]) {
+            self.fail(format!("unsynced_chunks not sorted: {chunks:?}"));
+        }
+        let idx = self.ops.len();
+        self.ops.push(Op {
+            leaf,
+            // Not about one chunk: a number no read or write uses.
+            chunk: u64::MAX,
+            kind: OpKind::Flush {
+                chunks: chunks.clone(),
+                left: chunks.len(),
+            },
+            start: self.step,
+            end: None,
+            read: None,
+            failed: false,
+        });
+        if self.verbose {
+            println!(
+                "{:>5} {} start flush {idx}: sync {chunks:?}",
+                self.step, self.names[leaf]
+            );
+        }
+        if chunks.is_empty() {
+            self.ops[idx].end = Some(self.step);
+            self.check_flush(idx);
+            return;
+        }
+        self.running.insert(leaf, idx);
+        for (k, chunk) in chunks.into_iter().enumerate() {
+            let id = LocalId(idx as u64 + (k as u64 + 1) * SUB);
+            self.nodes[leaf].local(id, LocalOp::Sync { chunk }, self.now);
+            self.drain(leaf);
+        }
+    }
+
     fn start_op(&mut self, leaf: usize) {
+        if self.rng.chance(10) {
+            self.start_flush(leaf);
+            return;
+        }
         let lockholder = self.locks.get(&leaf).copied();
         let (chunk, kind) = if let Some(_p) = lockholder.filter(|_| self.rng.chance(40)) {
             (LOCK_CHUNK, OpKind::Lock(Perm::No))
@@ -356,6 +506,7 @@ impl Sim {
         let lop = match &kind {
             OpKind::Read => LocalOp::Read { chunk },
             OpKind::Lock(p) => LocalOp::Lock { chunk, perm: *p },
+            OpKind::Flush { .. } => unreachable!("flushes start in start_flush"),
             OpKind::Write { tag, halves, sync } => {
                 let (offset, len) = if halves.len() == 2 {
                     (0, 16)
@@ -652,6 +803,13 @@ impl Sim {
                 self.drain(leaf);
                 self.quiesce();
             }
+        }
+        // Every leaf flushes once more, at rest.
+        for li in 0..self.leaves.len() {
+            let leaf = self.leaves[li];
+            self.step += 1;
+            self.start_flush(leaf);
+            self.quiesce();
         }
         // Let every sync daemon run until nothing is dirty.
         for _ in 0..200 {
