@@ -215,6 +215,11 @@ pub struct PeerConfig {
     /// Chunks with data a proxy or leaf keeps before giving some back; default 4096.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache_chunks: Option<usize>,
+    /// The same limit in bytes (proxy, leaf), for operators who size caches
+    /// in memory: the node divides it by the chunk size the root announces.
+    /// At most one of `cache_mem` and `cache_chunks`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_mem: Option<Size>,
     /// How this node's writes are acknowledged (proxy, leaf); default sync.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub write_mode: Option<WriteModeSetting>,
@@ -313,6 +318,7 @@ impl PeerConfig {
             chunk_size: None,
             size: None,
             cache_chunks: None,
+            cache_mem: None,
             write_mode: None,
             hb_ttl: None,
             grant_ttl: None,
@@ -379,6 +385,7 @@ impl PeerConfig {
                 required("origin", self.origin.is_some())?;
                 present("parent", self.parent.is_some())?;
                 present("cache_chunks", self.cache_chunks.is_some())?;
+                present("cache_mem", self.cache_mem.is_some())?;
                 present("write_mode", self.write_mode.is_some())?;
                 present("sync_interval", self.sync_interval.is_some())?;
             }
@@ -409,6 +416,9 @@ impl PeerConfig {
         }
         if self.cache_chunks == Some(0) {
             return Err("cache_chunks must be at least 1".into());
+        }
+        if self.cache_chunks.is_some() && self.cache_mem.is_some() {
+            return Err("give `cache_chunks` or `cache_mem`, not both".into());
         }
         ttl_u32("hb_ttl", self.hb_ttl())?;
         ttl_u32("grant_ttl", self.grant_ttl())?;
@@ -495,6 +505,7 @@ impl PeerConfig {
         c.hb_ttl_ms = u32::try_from(self.hb_ttl().0).unwrap_or(u32::MAX);
         c.sync_interval_ms = self.sync_interval().0;
         c.capacity_chunks = self.cache_chunks();
+        c.capacity_bytes = self.cache_mem.map(|s| s.0);
         c.write_mode = self.write_mode().to_node();
         // Seed example 1: a proxy connects upward when its first child needs
         // the volume, not when it starts.

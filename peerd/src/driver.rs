@@ -31,7 +31,7 @@ use bytes::{Bytes, BytesMut};
 use canopy_node::{Action, ChildId, LocalId, LocalOp, LocalReply, Node, NodeStats};
 use canopy_proto::frame::{split_frame, write_frame};
 use canopy_proto::{decode, DecodeError, Message, Opcode, Perm, Status};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
@@ -92,7 +92,7 @@ pub enum Readiness {
 }
 
 /// Counters and state, for `stats`.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PeerStats {
     /// The node's name.
     pub name: String,
@@ -159,6 +159,7 @@ enum Event {
     Closed(Source),
     Local(LocalOp, oneshot::Sender<Result<LocalReply, Status>>),
     Stats(oneshot::Sender<PeerStats>),
+    Unsynced(oneshot::Sender<Vec<u64>>),
 }
 
 /// Sends local requests to a running node. Cheap to clone.
@@ -212,6 +213,37 @@ impl NodeHandle {
     /// Take (`Read`, `Write`) or release (`No`) a lock on `chunk`.
     pub async fn lock(&self, chunk: u64, perm: Perm) -> Result<(), RequestError> {
         self.request(LocalOp::Lock { chunk, perm }).await.map(drop)
+    }
+
+    /// Make every write to `chunk` acknowledged so far durable at the root,
+    /// keeping the permission held.
+    pub async fn sync(&self, chunk: u64) -> Result<(), RequestError> {
+        self.request(LocalOp::Sync { chunk }).await.map(drop)
+    }
+
+    /// A device FLUSH: make every write acknowledged so far durable at the
+    /// root. Only chunks whose newest data may not be there yet are sent
+    /// (none in sync mode), all at once.
+    pub async fn flush(&self) -> Result<(), RequestError> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send(Event::Unsynced(tx))
+            .await
+            .map_err(|_| RequestError::Stopped)?;
+        let chunks = rx.await.map_err(|_| RequestError::Stopped)?;
+        let mut syncs = tokio::task::JoinSet::new();
+        for chunk in chunks {
+            let h = self.clone();
+            syncs.spawn(async move { h.sync(chunk).await });
+        }
+        let mut result = Ok(());
+        while let Some(r) = syncs.join_next().await {
+            let r = r.map_err(|_| RequestError::Stopped).and_then(|r| r);
+            if result.is_ok() {
+                result = r;
+            }
+        }
+        result
     }
 
     /// The node's counters and state.
@@ -498,6 +530,9 @@ impl NodeTask {
             }
             Event::Stats(reply) => {
                 let _ = reply.send(self.stats());
+            }
+            Event::Unsynced(reply) => {
+                let _ = reply.send(self.node.unsynced_chunks());
             }
         }
     }

@@ -90,8 +90,12 @@ struct Serving {
 struct Caching {
     /// Chunks with data to keep before giving the least recently used back
     /// [default: 4096].
-    #[arg(long, value_name = "N")]
+    #[arg(long, value_name = "N", conflicts_with = "cache_mem")]
     cache_chunks: Option<usize>,
+    /// The same limit in bytes (e.g. 1G), divided by the volume's chunk
+    /// size once the root announces it.
+    #[arg(long, value_name = "SIZE")]
+    cache_mem: Option<Size>,
     /// When writes are acknowledged: by the root (sync), the parent
     /// (semi-sync) or this node (async) [default: sync].
     #[arg(long, value_name = "MODE")]
@@ -179,6 +183,7 @@ impl Serving {
 impl Caching {
     fn apply(self, c: &mut PeerConfig) {
         c.cache_chunks = self.cache_chunks;
+        c.cache_mem = self.cache_mem;
         c.write_mode = self.write_mode;
         c.sync_interval = self.sync_interval;
     }
