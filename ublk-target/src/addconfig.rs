@@ -31,6 +31,11 @@ impl Value {
 #[serde(deny_unknown_fields)]
 struct AddConfig {
     origin: Option<String>,
+    parent: Option<String>,
+    volume: Option<String>,
+    write_mode: Option<String>,
+    listen: Option<String>,
+    trace_protocol: Option<String>,
     size: Option<Value>,
     chunk_size: Option<Value>,
     cache_mem: Option<Value>,
@@ -82,6 +87,17 @@ pub fn config_args(path: &Path) -> Result<Vec<String>, ConfigError> {
     };
     if let Some(v) = cfg.origin {
         push("origin", v);
+    }
+    for (flag, v) in [
+        ("parent", cfg.parent),
+        ("volume", cfg.volume),
+        ("write-mode", cfg.write_mode),
+        ("listen", cfg.listen),
+        ("trace-protocol", cfg.trace_protocol),
+    ] {
+        if let Some(v) = v {
+            push(flag, v);
+        }
     }
     if let Some(v) = cfg.size {
         push("size", v.arg());
@@ -139,6 +155,24 @@ mod tests {
                 "/d:2G",
                 "--queues",
                 "2"
+            ]
+        );
+    }
+
+    #[test]
+    fn leaf_keys_become_flags() {
+        let a = args_of("parent = \"10.0.0.1:7400\"\nvolume = \"vol0\"\nwrite_mode = \"semi-sync\"\ncache_mem = \"1G\"\n").unwrap();
+        assert_eq!(
+            a,
+            [
+                "--parent",
+                "10.0.0.1:7400",
+                "--volume",
+                "vol0",
+                "--write-mode",
+                "semi-sync",
+                "--cache-mem",
+                "1G"
             ]
         );
     }

@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use crate::spec::tier_geometry;
 use crate::volume::{CacheMode, Volume};
 use canopy_origin::OriginStats;
+use canopy_peerd::PeerStats;
 
 /// Directory holding the control sockets.
 pub const RUN_DIR: &str = "/run/canopy";
@@ -84,16 +85,54 @@ pub enum Request {
 pub struct Report {
     /// The block device path.
     pub device: String,
-    /// Write mode.
-    pub mode: CacheMode,
     /// Volume size in bytes.
     pub size: u64,
     /// Failed requests.
     pub io_errors: u64,
-    /// The cache stack.
-    pub cache: StackStats,
-    /// The origin.
-    pub origin: OriginStats,
+    /// What serves the device, and its own figures.
+    #[serde(flatten)]
+    pub served: Served,
+}
+
+/// What serves a device, with its figures.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "kebab-case")]
+pub enum Served {
+    /// A standalone volume: the stacked cache over a local origin.
+    Embedded {
+        /// Write mode.
+        mode: CacheMode,
+        /// The cache stack.
+        cache: Box<StackStats>,
+        /// The origin.
+        origin: Box<OriginStats>,
+    },
+    /// A leaf of a canopy tree.
+    Leaf {
+        /// The node's counters and state.
+        peer: Box<PeerStats>,
+    },
+}
+
+/// What the control socket talks to: an embedded volume or a tree leaf.
+pub trait Target: Send + Sync {
+    /// Statistics now.
+    fn report(&self, device: &str) -> Report;
+    /// Change the cache stack; a tree leaf has none to change.
+    fn reconfigure(&self, change: &CacheChange) -> Result<(), String>;
+}
+
+impl Target for Volume {
+    fn report(&self, device: &str) -> Report {
+        report(self, device)
+    }
+
+    fn reconfigure(&self, change: &CacheChange) -> Result<(), String> {
+        let cache = self.cache();
+        let cfg = cache.config();
+        to_reconfig(change, cfg.chunk_size, &cfg.tiers)
+            .and_then(|op| cache.reconfigure(op).map_err(|e| e.to_string()))
+    }
 }
 
 /// The daemon's answer.
@@ -241,7 +280,7 @@ impl ControlServer {
     /// [`Request::Shutdown`]; `device` names the block device in reports.
     pub fn spawn(
         listener: UnixListener,
-        volume: Arc<Volume>,
+        target: Arc<dyn Target>,
         device: String,
         shutdown: impl Fn() + Send + 'static,
     ) -> std::io::Result<std::thread::JoinHandle<()>> {
@@ -250,7 +289,7 @@ impl ControlServer {
             .spawn(move || {
                 for stream in listener.incoming() {
                     let Ok(stream) = stream else { continue };
-                    let stop = serve_one(&stream, &volume, &device);
+                    let stop = serve_one(&stream, target.as_ref(), &device);
                     if stop {
                         shutdown();
                     }
@@ -269,16 +308,18 @@ impl Drop for ControlServer {
 pub fn report(volume: &Volume, device: &str) -> Report {
     Report {
         device: device.to_string(),
-        mode: volume.mode(),
         size: volume.size(),
         io_errors: volume.errors(),
-        cache: volume.cache().stats(),
-        origin: volume.cache().backing().stats(),
+        served: Served::Embedded {
+            mode: volume.mode(),
+            cache: Box::new(volume.cache().stats()),
+            origin: Box::new(volume.cache().backing().stats()),
+        },
     }
 }
 
 /// Answer one connection; returns true when it asked for shutdown.
-fn serve_one(stream: &UnixStream, volume: &Volume, device: &str) -> bool {
+fn serve_one(stream: &UnixStream, target: &dyn Target, device: &str) -> bool {
     // A client that connects and says nothing must not wedge the only
     // control thread.
     let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
@@ -293,21 +334,15 @@ fn serve_one(stream: &UnixStream, volume: &Volume, device: &str) -> bool {
             },
             false,
         ),
-        Ok(Request::Stats) => (ok(volume, device), false),
-        Ok(Request::Shutdown) => (ok(volume, device), true),
-        Ok(Request::Cache { change }) => {
-            let cache = volume.cache();
-            let cfg = cache.config();
-            let result = to_reconfig(&change, cfg.chunk_size, &cfg.tiers)
-                .and_then(|op| cache.reconfigure(op).map_err(|e| e.to_string()));
-            match result {
-                Ok(()) => {
-                    tracing::info!(?change, "cache reconfigured");
-                    (ok(volume, device), false)
-                }
-                Err(message) => (Reply::Error { message }, false),
+        Ok(Request::Stats) => (ok(target, device), false),
+        Ok(Request::Shutdown) => (ok(target, device), true),
+        Ok(Request::Cache { change }) => match target.reconfigure(&change) {
+            Ok(()) => {
+                tracing::info!(?change, "cache reconfigured");
+                (ok(target, device), false)
             }
-        }
+            Err(message) => (Reply::Error { message }, false),
+        },
     };
     let mut w = stream;
     if let Ok(text) = serde_json::to_string(&reply) {
@@ -317,8 +352,8 @@ fn serve_one(stream: &UnixStream, volume: &Volume, device: &str) -> bool {
     stop
 }
 
-fn ok(volume: &Volume, device: &str) -> Reply {
+fn ok(target: &dyn Target, device: &str) -> Reply {
     Reply::Ok {
-        report: Box::new(report(volume, device)),
+        report: Box::new(target.report(device)),
     }
 }

@@ -59,15 +59,7 @@ pub fn preflight() -> Result<()> {
 /// (clean stop) with every dirty chunk written back to the origin.
 pub fn serve(opts: ServeOptions) -> Result<()> {
     preflight()?;
-    // Block the stop signals before any thread exists (the cache cleaner,
-    // libublk's queues): threads inherit the mask, so only the signal thread
-    // will ever take them, and never in the middle of a request.
-    let mut stop_signals = SigSet::empty();
-    stop_signals.add(Signal::SIGINT);
-    stop_signals.add(Signal::SIGTERM);
-    stop_signals
-        .thread_block()
-        .context("blocking SIGINT/SIGTERM")?;
+    let stop_signals = block_stop_signals()?;
     let spec = opts.spec.clone();
     let origin = OriginStore::open(&spec.origin, None, spec.cache.chunk_size)?;
     let size = origin.size();
@@ -82,28 +74,7 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
     // flight at the crash instead of failing them: safe because every canopy
     // request is idempotent (a read, or a write of the same bytes).
     let flags = libublk::sys::UBLK_F_USER_RECOVERY | libublk::sys::UBLK_F_USER_RECOVERY_REISSUE;
-    let dev_flags = if opts.recover {
-        UblkFlags::UBLK_DEV_F_RECOVER_DEV
-    } else {
-        UblkFlags::UBLK_DEV_F_ADD_DEV
-    };
-    let id = opts.id.map(|i| i as i32).unwrap_or(-1);
-    let ctrl = Arc::new(
-        UblkCtrlBuilder::default()
-            .name("canopy")
-            .id(id)
-            .nr_queues(opts.queues)
-            .depth(opts.depth)
-            .io_buf_bytes(IO_BUF_BYTES)
-            .ctrl_flags(flags as u64)
-            .dev_flags(dev_flags)
-            .build()
-            .map_err(|e| anyhow::anyhow!("creating the ublk device: {e}"))?,
-    );
-    if opts.recover {
-        ctrl.start_user_recover()
-            .map_err(|e| anyhow::anyhow!("starting user recovery of device {id}: {e}"))?;
-    }
+    let ctrl = build_ctrl(opts.id, opts.queues, opts.depth, flags as u64, opts.recover)?;
     let dev_id = ctrl.dev_info().dev_id;
     let bdev = format!("/dev/ublkb{dev_id}");
 
@@ -111,53 +82,21 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
     let stopper = {
         let volume = volume.clone();
         let ctrl = ctrl.clone();
-        move || stop_device(&volume, &ctrl)
+        move || {
+            if let Err(e) = volume.cache().flush() {
+                tracing::error!(error = %e, "flush before stop failed; will retry after the queues stop");
+            }
+            kill_device(&ctrl);
+        }
     };
     control::ControlServer::spawn(listener, volume.clone(), bdev.clone(), stopper.clone())
         .context("starting the control thread")?;
-    std::thread::Builder::new()
-        .name("canopy-signals".into())
-        .spawn(move || {
-            if let Ok(sig) = stop_signals.wait() {
-                tracing::info!(signal = ?sig, "stopping");
-                let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
-                stopper();
-            }
-        })
-        .context("starting the signal thread")?;
+    spawn_signal_thread(stop_signals, stopper)?;
 
     let spec_json = serde_json::to_value(&spec)?;
-    let tgt_init = move |dev: &mut UblkDev| {
-        dev.set_default_params(size);
-        let p = &mut dev.tgt.params;
-        // The cache is volatile until FLUSH, and FUA is honoured per write:
-        // telling the kernel both makes filesystems order their journals
-        // correctly instead of assuming every write is already stable.
-        p.basic.attrs = libublk::sys::UBLK_ATTR_VOLATILE_CACHE | libublk::sys::UBLK_ATTR_FUA;
-        p.types |= libublk::sys::UBLK_PARAM_TYPE_DISCARD;
-        p.discard.discard_granularity = 4096;
-        p.discard.max_discard_sectors = u32::MAX >> 9;
-        p.discard.max_write_zeroes_sectors = u32::MAX >> 9;
-        p.discard.max_discard_segments = 1;
-        dev.set_target_json(spec_json);
-        Ok(())
-    };
     let q_volume = volume.clone();
     let q_fn = move |qid: u16, dev: &UblkDev| serve_queue(qid, dev, &q_volume);
-    let announce = bdev.clone();
-    let started = move |_: &UblkCtrl| {
-        // The one line on stdout: scripts read the device path from it.
-        println!("{announce}");
-        use std::io::Write;
-        let _ = std::io::stdout().flush();
-        tracing::info!(device = %announce, "serving");
-        // Under systemd (Type=notify) the unit is "started" only now that
-        // the device exists; outside systemd this does nothing.
-        if let Err(e) = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]) {
-            tracing::warn!(error = %e, "could not tell systemd we are ready");
-        }
-    };
-    ctrl.run_target(tgt_init, q_fn, started)
+    ctrl.run_target(target_init(size, spec_json), q_fn, announce(bdev.clone()))
         .map_err(|e| anyhow::anyhow!("running the ublk device: {e}"))?;
 
     // The queues are gone. Write back what is still dirty before the device
@@ -174,12 +113,111 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
     Ok(())
 }
 
-/// Flush, then stop the device: the queue threads see the abort and exit,
-/// which makes `run_target` return in [`serve`].
-fn stop_device(volume: &Volume, ctrl: &UblkCtrl) {
-    if let Err(e) = volume.cache().flush() {
-        tracing::error!(error = %e, "flush before stop failed; will retry after the queues stop");
+/// Block the stop signals before any thread exists (the cache cleaner,
+/// libublk's queues, tokio's workers): threads inherit the mask, so only the
+/// signal thread will ever take them, and never in the middle of a request.
+pub(crate) fn block_stop_signals() -> Result<SigSet> {
+    let mut stop_signals = SigSet::empty();
+    stop_signals.add(Signal::SIGINT);
+    stop_signals.add(Signal::SIGTERM);
+    stop_signals
+        .thread_block()
+        .context("blocking SIGINT/SIGTERM")?;
+    Ok(stop_signals)
+}
+
+/// The thread that waits for SIGINT/SIGTERM and stops the device cleanly.
+pub(crate) fn spawn_signal_thread(
+    stop_signals: SigSet,
+    stopper: impl FnOnce() + Send + 'static,
+) -> Result<()> {
+    std::thread::Builder::new()
+        .name("canopy-signals".into())
+        .spawn(move || {
+            if let Ok(sig) = stop_signals.wait() {
+                tracing::info!(signal = ?sig, "stopping");
+                let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+                stopper();
+            }
+        })
+        .context("starting the signal thread")?;
+    Ok(())
+}
+
+/// Add (or, with `recover`, start recovering) a ublk device.
+pub(crate) fn build_ctrl(
+    id: Option<u32>,
+    queues: u16,
+    depth: u16,
+    ctrl_flags: u64,
+    recover: bool,
+) -> Result<Arc<UblkCtrl>> {
+    let dev_flags = if recover {
+        UblkFlags::UBLK_DEV_F_RECOVER_DEV
+    } else {
+        UblkFlags::UBLK_DEV_F_ADD_DEV
+    };
+    let id = id.map(|i| i as i32).unwrap_or(-1);
+    let ctrl = Arc::new(
+        UblkCtrlBuilder::default()
+            .name("canopy")
+            .id(id)
+            .nr_queues(queues)
+            .depth(depth)
+            .io_buf_bytes(IO_BUF_BYTES)
+            .ctrl_flags(ctrl_flags)
+            .dev_flags(dev_flags)
+            .build()
+            .map_err(|e| anyhow::anyhow!("creating the ublk device: {e}"))?,
+    );
+    if recover {
+        ctrl.start_user_recover()
+            .map_err(|e| anyhow::anyhow!("starting user recovery of device {id}: {e}"))?;
     }
+    Ok(ctrl)
+}
+
+/// The device parameters, set before the device starts.
+pub(crate) fn target_init(
+    size: u64,
+    spec_json: serde_json::Value,
+) -> impl FnOnce(&mut UblkDev) -> Result<(), libublk::UblkError> {
+    move |dev: &mut UblkDev| {
+        dev.set_default_params(size);
+        let p = &mut dev.tgt.params;
+        // The cache is volatile until FLUSH, and FUA is honoured per write:
+        // telling the kernel both makes filesystems order their journals
+        // correctly instead of assuming every write is already stable.
+        p.basic.attrs = libublk::sys::UBLK_ATTR_VOLATILE_CACHE | libublk::sys::UBLK_ATTR_FUA;
+        p.types |= libublk::sys::UBLK_PARAM_TYPE_DISCARD;
+        p.discard.discard_granularity = 4096;
+        p.discard.max_discard_sectors = u32::MAX >> 9;
+        p.discard.max_write_zeroes_sectors = u32::MAX >> 9;
+        p.discard.max_discard_segments = 1;
+        dev.set_target_json(spec_json);
+        Ok(())
+    }
+}
+
+/// Called once the device is live: print its path and tell systemd.
+pub(crate) fn announce(bdev: String) -> impl FnOnce(&UblkCtrl) + Send + Sync + 'static {
+    move |_: &UblkCtrl| {
+        // The one line on stdout: scripts read the device path from it.
+        println!("{bdev}");
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        tracing::info!(device = %bdev, "serving");
+        // Under systemd (Type=notify) the unit is "started" only now that
+        // the device exists; outside systemd this does nothing.
+        if let Err(e) = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]) {
+            tracing::warn!(error = %e, "could not tell systemd we are ready");
+        }
+    }
+}
+
+/// Stop the device: the queue threads see the abort and exit, which makes
+/// `run_target` return.
+pub(crate) fn kill_device(ctrl: &UblkCtrl) {
     // libublk sends control commands through a per-thread io_uring; this
     // thread (signal or control) has none until it makes one.
     let ring = libublk::ctrl::ublk_init_ctrl_task_ring(|ring| {

@@ -7,6 +7,8 @@
 //!   it is tested on hosts without the driver.
 //! - [`spec`]: what a volume is made of, saved for `recover`.
 //! - [`device`]: the libublk daemon (queues, signals, recovery).
+//! - [`leaf`]: block requests as chunk requests to a node of a canopy tree.
+//! - [`leaf_device`]: the libublk daemon for such a leaf (`add --parent`).
 //! - [`control`]: the control socket for stats and live reconfiguration.
 //! - [`namespace`]: the daemon's private mount namespace.
 #![warn(missing_docs)]
@@ -14,6 +16,8 @@
 pub mod addconfig;
 pub mod control;
 pub mod device;
+pub mod leaf;
+pub mod leaf_device;
 pub mod namespace;
 pub mod spec;
 pub mod volume;

@@ -7,8 +7,11 @@ use anyhow::{bail, Context, Result};
 use canopy_cache::{HashKind, Medium};
 use canopy_origin::size::ByteSize;
 use canopy_origin::{check_chunk_size, check_volume_size, OriginError, OriginStore};
-use canopy_ublk::control::{self, CacheChange, Reply, Report, Request};
+use canopy_peerd::config::{Size, WriteModeSetting};
+use canopy_peerd::{PeerConfig, PeerRole};
+use canopy_ublk::control::{self, CacheChange, Reply, Report, Request, Served};
 use canopy_ublk::device::{self, ServeOptions};
+use canopy_ublk::leaf_device::{self, LeafOptions};
 use canopy_ublk::spec::{cache_layout, VolumeSpec, SPEC_VERSION};
 use canopy_ublk::volume::CacheMode;
 use clap::{Args, Parser, Subcommand};
@@ -86,9 +89,33 @@ enum Command {
 
 #[derive(Args, Debug)]
 struct AddArgs {
-    /// The origin: a file or block device holding the volume.
-    #[arg(long, value_name = "FILE")]
-    origin: PathBuf,
+    /// The origin: a file or block device holding the volume (a standalone
+    /// volume; give --parent instead for a leaf of a tree).
+    #[arg(long, value_name = "FILE", required_unless_present = "parent")]
+    origin: Option<PathBuf>,
+    /// Serve a volume of a canopy tree instead of a local origin: the
+    /// parent (a root or proxy's listen address, HOST:PORT) that chunks
+    /// come from. The device's size and chunk size are the root's.
+    #[arg(long, value_name = "ADDR", conflicts_with_all = ["origin", "size", "cache_disk", "cache_mode"],
+          requires = "volume")]
+    parent: Option<String>,
+    /// The volume's name in the tree (with --parent).
+    #[arg(long, value_name = "NAME", requires = "parent")]
+    volume: Option<String>,
+    /// When a leaf's writes are acknowledged (with --parent): `sync` once
+    /// the root has them durably, `semi-sync` once the parent has them,
+    /// `async` at once (a background FLUSH sends them up). FLUSH and FUA
+    /// make writes durable at the root in every mode.
+    #[arg(long, value_name = "MODE", requires = "parent", default_value = "sync")]
+    write_mode: WriteModeSetting,
+    /// Also serve children of this leaf on HOST:PORT (with --parent), as
+    /// the seed's proxies with local access do.
+    #[arg(long, value_name = "ADDR", requires = "parent")]
+    listen: Option<String>,
+    /// Write one line per protocol message sent or received to FILE (with
+    /// --parent; `-` for standard error).
+    #[arg(long, value_name = "FILE", requires = "parent")]
+    trace_protocol: Option<String>,
     /// Create the origin file with this size (a multiple of 512; suffixes
     /// K, M, G, T). Without it the origin must exist and its size is used.
     #[arg(long, value_name = "SIZE")]
@@ -97,7 +124,8 @@ struct AddArgs {
     /// of two from 4K to 1M.
     #[arg(long, value_name = "SIZE", default_value = "64K")]
     chunk_size: ByteSize,
-    /// Memory tier capacity (0 for none).
+    /// Memory tier capacity (0 for none). For a leaf of a tree: how much
+    /// the node keeps before giving chunks back to its parent.
     #[arg(long, value_name = "SIZE", default_value = "64M")]
     cache_mem: ByteSize,
     /// A disk tier: a cache file and its capacity. Repeat for more tiers;
@@ -292,10 +320,12 @@ fn run(cli: Cli) -> Result<()> {
                     };
                     let index = match index {
                         Some(i) => i,
-                        None => expect_report(control::call(id, &Request::Stats)?)?
-                            .cache
-                            .tiers
-                            .len(),
+                        None => match expect_report(control::call(id, &Request::Stats)?)?.served {
+                            Served::Embedded { cache, .. } => cache.tiers.len(),
+                            Served::Leaf { .. } => {
+                                bail!("device {id} is a leaf of a tree: its cache is the node's")
+                            }
+                        },
                     };
                     CacheChange::AddTier {
                         index,
@@ -318,6 +348,12 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn add(a: AddArgs) -> Result<()> {
+    if let Some(parent) = a.parent.clone() {
+        return add_leaf(a, parent);
+    }
+    let Some(origin) = a.origin.clone() else {
+        bail!("give --origin FILE (a standalone volume) or --parent ADDR (a leaf of a tree)");
+    };
     let chunk_size = usize::try_from(a.chunk_size.0).unwrap_or(usize::MAX);
     check_chunk_size(chunk_size)?;
     // Validate everything a user can get wrong before asking the kernel for
@@ -326,16 +362,16 @@ fn add(a: AddArgs) -> Result<()> {
     let cache = cache_layout(chunk_size, a.cache_mem.0, &disks)?;
     match a.size {
         Some(size) => check_volume_size(size.0)?,
-        None if !a.origin.exists() => return Err(OriginError::Missing(a.origin.clone()).into()),
+        None if !origin.exists() => return Err(OriginError::Missing(origin.clone()).into()),
         None => {}
     }
     device::preflight()?;
     // Creating (or sizing) the origin up front reports its errors now; the
     // daemon reopens it with the same checks.
-    let origin = OriginStore::open(&a.origin, a.size.map(|s| s.0), chunk_size)?;
-    drop(origin);
-    let origin_path = std::fs::canonicalize(&a.origin)
-        .with_context(|| format!("resolving {}", a.origin.display()))?;
+    let store = OriginStore::open(&origin, a.size.map(|s| s.0), chunk_size)?;
+    drop(store);
+    let origin_path = std::fs::canonicalize(&origin)
+        .with_context(|| format!("resolving {}", origin.display()))?;
     canopy_ublk::namespace::isolate();
     device::serve(ServeOptions {
         spec: VolumeSpec {
@@ -348,6 +384,26 @@ fn add(a: AddArgs) -> Result<()> {
         queues: a.queues,
         depth: a.depth,
         recover: false,
+    })
+}
+
+/// `add --parent`: the device as a leaf of a tree.
+fn add_leaf(a: AddArgs, parent: String) -> Result<()> {
+    let volume = a.volume.clone().context("--parent needs --volume NAME")?;
+    let mut peer = PeerConfig::new(PeerRole::Leaf, &volume);
+    peer.parent = Some(parent);
+    peer.listen = a.listen.clone();
+    peer.write_mode = Some(a.write_mode);
+    peer.cache_mem = Some(Size(a.cache_mem.0));
+    peer.trace_protocol = a.trace_protocol.clone();
+    peer.validate("the command line")?;
+    device::preflight()?;
+    canopy_ublk::namespace::isolate();
+    leaf_device::serve_leaf(LeafOptions {
+        peer,
+        id: a.id,
+        queues: a.queues,
+        depth: a.depth,
     })
 }
 
@@ -408,11 +464,22 @@ fn print_report(r: &Report, json: bool) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(r)?);
         return Ok(());
     }
-    let c = &r.cache;
+    let (mode, cache, origin) = match &r.served {
+        Served::Embedded {
+            mode,
+            cache,
+            origin,
+        } => (mode, cache, origin),
+        Served::Leaf { peer } => {
+            print_leaf(r, peer);
+            return Ok(());
+        }
+    };
+    let c = cache;
     println!(
         "{}  mode {}  size {}  chunk {}  io errors {}",
         r.device,
-        format!("{:?}", r.mode).to_lowercase(),
+        format!("{mode:?}").to_lowercase(),
         ByteSize(r.size),
         ByteSize(c.chunk_size as u64),
         r.io_errors
@@ -452,7 +519,7 @@ fn print_report(r: &Report, json: bool) -> Result<()> {
         "victim {}/{} (dirty {})  spills {}  rescues {}  drains {}  writebacks {}  drops {}  errors {}",
         v.len, v.capacity, v.dirty, v.spills, v.rescues, v.drains, v.writebacks, v.drops, v.errors
     );
-    let o = &r.origin;
+    let o = origin;
     println!(
         "origin {}  {}  fills {}  writes {}  syncs {}  zeroed chunks {}",
         o.path.display(),
@@ -463,6 +530,28 @@ fn print_report(r: &Report, json: bool) -> Result<()> {
         o.zeroes
     );
     Ok(())
+}
+
+fn print_leaf(r: &Report, p: &canopy_peerd::PeerStats) {
+    let n = &p.node;
+    println!(
+        "{}  leaf {}  size {}  chunk {}  io errors {}",
+        r.device,
+        p.name,
+        ByteSize(r.size),
+        ByteSize(u64::from(p.chunk_size)),
+        r.io_errors
+    );
+    println!(
+        "parent {}  ready {}  children {}",
+        if p.parent_link { "up" } else { "down" },
+        p.ready,
+        p.children
+    );
+    println!(
+        "local requests {}  sent to parent {}  invalidations received {}  evictions {}  sync flushes {}  lost dirty {}",
+        n.local_done, n.parent_requests, n.invalidates_received, n.evictions, n.sync_flushes, n.lost_dirty
+    );
 }
 
 #[cfg(test)]

@@ -67,7 +67,7 @@ impl Op {
 
 /// Zeros for partial-chunk discards (a chunk is at most 1 MiB). Static, so
 /// zeroing never allocates.
-static ZEROS: [u8; 1 << 20] = [0; 1 << 20];
+pub(crate) static ZEROS: [u8; 1 << 20] = [0; 1 << 20];
 
 /// A volume served from the stacked cache over its origin.
 pub struct Volume {
@@ -185,24 +185,50 @@ impl Volume {
         }
     }
 
-    /// Split `[offset, offset+len)` at chunk boundaries and call `f` with
-    /// (chunk, offset within the chunk, range within the request buffer).
+    /// Call `f` for each piece of `[offset, offset+len)` (see [`pieces`]).
     fn for_each_piece(
         &self,
         offset: u64,
         len: usize,
         mut f: impl FnMut(u64, usize, std::ops::Range<usize>) -> Result<(), CacheError>,
     ) -> Result<(), CacheError> {
-        let cs = self.cache.chunk_size() as u64;
-        let mut done = 0usize;
-        while done < len {
-            let pos = offset + done as u64;
-            let chunk = pos / cs;
-            let at = (pos % cs) as usize;
-            let n = (cs as usize - at).min(len - done);
-            f(chunk, at, done..done + n)?;
-            done += n;
+        for p in pieces(offset, len, self.cache.chunk_size()) {
+            f(p.chunk, p.at, p.range)?;
         }
         Ok(())
     }
+}
+
+/// One chunk's share of a block request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Piece {
+    /// The chunk number.
+    pub chunk: u64,
+    /// Where the piece starts inside the chunk.
+    pub at: usize,
+    /// The piece's bytes within the request's buffer.
+    pub range: std::ops::Range<usize>,
+}
+
+/// Split the request `[offset, offset+len)` at chunk boundaries. Both the
+/// embedded volume and the tree leaf serve a request piece by piece, since a
+/// chunk is the unit the cache and the network move.
+pub fn pieces(offset: u64, len: usize, chunk_size: usize) -> impl Iterator<Item = Piece> {
+    let cs = chunk_size.max(1) as u64;
+    let mut done = 0usize;
+    std::iter::from_fn(move || {
+        if done >= len {
+            return None;
+        }
+        let pos = offset + done as u64;
+        let at = (pos % cs) as usize;
+        let n = (cs as usize - at).min(len - done);
+        let p = Piece {
+            chunk: pos / cs,
+            at,
+            range: done..done + n,
+        };
+        done += n;
+        Some(p)
+    })
 }
