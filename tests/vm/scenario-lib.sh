@@ -73,3 +73,29 @@ write_tree() {
 checksum_tree() {
   (cd "$1" && find . -type f -print0 | sort -z | xargs -0 sha256sum) >"$2"
 }
+
+# wait_port PORT PID NAME: wait (bounded) until something listens on
+# 127.0.0.1:PORT, failing early if process PID (a daemon) exits.
+wait_port() {
+  local port=$1 pid=$2 name=$3 i
+  for i in $(seq 1 300); do
+    if ss -Hltn "sport = :$port" 2>/dev/null | grep -q .; then
+      log "$name listens on $port"
+      return 0
+    fi
+    kill -0 "$pid" 2>/dev/null || fail "$name exited before listening on $port"
+    sleep 0.1
+  done
+  fail "$name does not listen on $port after 30 s"
+}
+
+# stop_pid PID NAME: SIGTERM a daemon and require a clean exit within 60 s.
+stop_pid() {
+  local pid=$1 name=$2 i rc=0
+  kill -TERM "$pid"
+  for i in $(seq 1 600); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  kill -0 "$pid" 2>/dev/null && fail "$name did not exit within 60 s of SIGTERM"
+  wait "$pid" || rc=$?
+  [[ $rc == 0 ]] || fail "$name exited with $rc on SIGTERM"
+  log "$name stopped cleanly"
+}
