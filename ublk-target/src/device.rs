@@ -75,23 +75,15 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
     // request is idempotent (a read, or a write of the same bytes).
     let flags = libublk::sys::UBLK_F_USER_RECOVERY | libublk::sys::UBLK_F_USER_RECOVERY_REISSUE;
     let ctrl = build_ctrl(opts.id, opts.queues, opts.depth, flags as u64, opts.recover)?;
-    let dev_id = ctrl.dev_info().dev_id;
-    let bdev = format!("/dev/ublkb{dev_id}");
-
-    let (server, listener) = ControlServer::bind(dev_id).context("binding the control socket")?;
-    let stopper = {
+    let flush = {
         let volume = volume.clone();
-        let ctrl = ctrl.clone();
         move || {
             if let Err(e) = volume.cache().flush() {
                 tracing::error!(error = %e, "flush before stop failed; will retry after the queues stop");
             }
-            kill_device(&ctrl);
         }
     };
-    control::ControlServer::spawn(listener, volume.clone(), bdev.clone(), stopper.clone())
-        .context("starting the control thread")?;
-    spawn_signal_thread(stop_signals, stopper)?;
+    let (server, bdev) = start_controls(&ctrl, volume.clone(), stop_signals, flush)?;
 
     let spec_json = serde_json::to_value(&spec)?;
     let q_volume = volume.clone();
@@ -113,6 +105,31 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
     Ok(())
 }
 
+/// Bind the device's control socket and start the two ways to stop it (a
+/// `Shutdown` request, SIGINT/SIGTERM): each runs `flush`, then stops the
+/// device. Returns the socket (removed when dropped) and the device path.
+pub(crate) fn start_controls(
+    ctrl: &Arc<UblkCtrl>,
+    target: Arc<dyn control::Target>,
+    stop_signals: SigSet,
+    flush: impl Fn() + Clone + Send + 'static,
+) -> Result<(ControlServer, String)> {
+    let dev_id = ctrl.dev_info().dev_id;
+    let bdev = format!("/dev/ublkb{dev_id}");
+    let (server, listener) = ControlServer::bind(dev_id).context("binding the control socket")?;
+    let stopper = {
+        let ctrl = ctrl.clone();
+        move || {
+            flush();
+            kill_device(&ctrl);
+        }
+    };
+    ControlServer::spawn(listener, target, bdev.clone(), stopper.clone())
+        .context("starting the control thread")?;
+    spawn_signal_thread(stop_signals, stopper)?;
+    Ok((server, bdev))
+}
+
 /// Block the stop signals before any thread exists (the cache cleaner,
 /// libublk's queues, tokio's workers): threads inherit the mask, so only the
 /// signal thread will ever take them, and never in the middle of a request.
@@ -127,7 +144,7 @@ pub(crate) fn block_stop_signals() -> Result<SigSet> {
 }
 
 /// The thread that waits for SIGINT/SIGTERM and stops the device cleanly.
-pub(crate) fn spawn_signal_thread(
+fn spawn_signal_thread(
     stop_signals: SigSet,
     stopper: impl FnOnce() + Send + 'static,
 ) -> Result<()> {

@@ -24,10 +24,9 @@ use libublk::{BufDesc, UblkIORes};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use serde::Serialize;
 
-use crate::control::{self, CacheChange, ControlServer, Report, Served, Target};
+use crate::control::{CacheChange, Report, Served, Target};
 use crate::device::{
-    announce, block_stop_signals, build_ctrl, kill_device, preflight, spawn_signal_thread,
-    target_init,
+    announce, block_stop_signals, build_ctrl, preflight, start_controls, target_init,
 };
 use crate::leaf::{Completion, LeafVolume};
 use crate::volume::Op;
@@ -93,28 +92,20 @@ pub fn serve_leaf(opts: LeafOptions) -> Result<()> {
     // No USER_RECOVERY: a restarted leaf is a new node of the tree (its
     // grants died with it), so there is nothing for `recover` to re-attach.
     let ctrl = build_ctrl(opts.id, opts.queues, opts.depth, 0, false)?;
-    let dev_id = ctrl.dev_info().dev_id;
-    let bdev = format!("/dev/ublkb{dev_id}");
-
-    let (server, listener) = ControlServer::bind(dev_id).context("binding the control socket")?;
-    let stopper = {
+    let flush = {
         let leaf = leaf.clone();
-        let ctrl = ctrl.clone();
         let rt = rt.handle().clone();
         move || {
             if let Err(e) = rt.block_on(leaf.node().flush()) {
                 tracing::error!(error = %e, "flush before stop failed");
             }
-            kill_device(&ctrl);
         }
     };
     let target = Arc::new(LeafTarget {
         leaf: leaf.clone(),
         rt: rt.handle().clone(),
     });
-    control::ControlServer::spawn(listener, target, bdev.clone(), stopper.clone())
-        .context("starting the control thread")?;
-    spawn_signal_thread(stop_signals, stopper)?;
+    let (server, bdev) = start_controls(&ctrl, target, stop_signals, flush)?;
 
     let spec_json = serde_json::to_value(LeafSpec { leaf: &opts.peer })?;
     let q_leaf = leaf.clone();
