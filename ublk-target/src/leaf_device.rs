@@ -172,10 +172,11 @@ fn serve_queue(qid: u16, dev: &UblkDev, leaf: &Arc<LeafVolume>, rt: &tokio::runt
         }
     };
     let (done_tx, done_rx) = mpsc::channel::<(u16, Completion)>();
-    // The eventfd read lands here; it must stay put while a read is in
-    // flight, which a box owned by this thread for its whole life ensures.
-    let mut counter = Box::new(0u64);
-    let counter_ptr: *mut u64 = &mut *counter;
+    // The eventfd read lands here, and one may be in flight until the ring
+    // itself goes: libublk keeps the queue's ring per thread, past this
+    // function, and a task finishing during the stop may still wake it. So
+    // these 8 bytes are never freed (one per queue per daemon).
+    let counter_ptr: *mut u64 = Box::leak(Box::new(0u64));
     let wake_fd = wake.as_raw_fd();
 
     let queue = match UblkQueue::new(qid, dev)
@@ -239,7 +240,6 @@ fn serve_queue(qid: u16, dev: &UblkDev, leaf: &Arc<LeafVolume>, rt: &tokio::runt
         });
     };
     queue.wait_and_handle_io(handler);
-    drop(counter);
 }
 
 /// Queue a read of the eventfd in the queue's ring; its completion comes
