@@ -19,9 +19,11 @@ use libublk::{BufDesc, UblkFlags, UblkIORes};
 use nix::sys::signal::{SigSet, Signal};
 
 use crate::control::{self, ControlServer};
+use crate::leaf_device::LeafSpec;
 use crate::spec::VolumeSpec;
 use crate::volume::{Op, Volume};
 use canopy_origin::OriginStore;
+use canopy_peerd::PeerConfig;
 
 /// Largest request the kernel sends us (libublk's default buffer size).
 const IO_BUF_BYTES: u32 = 512 << 10;
@@ -302,9 +304,28 @@ fn serve_queue(qid: u16, dev: &UblkDev, volume: &Arc<Volume>) {
     queue.wait_and_handle_io(handler);
 }
 
-/// Read the spec a canopy daemon stored for device `id` (for `recover` and
-/// `list`), or explain why there is none.
+/// Read the spec a canopy daemon stored for device `id` (for `recover`),
+/// or explain why there is none.
 pub fn stored_spec(id: u32) -> Result<VolumeSpec> {
+    match stored(id)? {
+        Stored::Embedded(spec) => Ok(spec),
+        Stored::Leaf(_) => bail!(
+            "device {id} is a leaf of a canopy tree, which is not recovered (its grants \
+             died with its daemon): remove it with `canopy-ublk del --id {id}` and add it again"
+        ),
+    }
+}
+
+/// What a canopy daemon stored for a device.
+pub enum Stored {
+    /// An embedded volume, with what `recover` needs.
+    Embedded(VolumeSpec),
+    /// A leaf of a tree, with its node's settings.
+    Leaf(Box<PeerConfig>),
+}
+
+/// Read what a canopy daemon stored for device `id`.
+pub fn stored(id: u32) -> Result<Stored> {
     let ctrl =
         UblkCtrl::new_simple(id as i32).map_err(|e| anyhow::anyhow!("no ublk device {id}: {e}"))?;
     let data = ctrl.get_target_data_from_json().with_context(|| {
@@ -313,9 +334,12 @@ pub fn stored_spec(id: u32) -> Result<VolumeSpec> {
             UblkCtrl::run_dir()
         )
     })?;
+    if let Ok(leaf) = serde_json::from_value::<LeafSpec>(data.clone()) {
+        return Ok(Stored::Leaf(Box::new(leaf.leaf)));
+    }
     let spec: VolumeSpec = serde_json::from_value(data)
         .with_context(|| format!("device {id} was not created by canopy-ublk"))?;
-    Ok(spec)
+    Ok(Stored::Embedded(spec))
 }
 
 /// Hardware queues and depth of an existing device.
@@ -332,8 +356,8 @@ pub struct DeviceInfo {
     pub id: u32,
     /// Kernel state (LIVE, QUIESCED, ...).
     pub state: &'static str,
-    /// The spec, when the device is canopy's.
-    pub spec: Option<VolumeSpec>,
+    /// What canopy stored for it (`None`: not canopy's).
+    pub stored: Option<Stored>,
 }
 
 /// Every ublk device on the host.
@@ -356,7 +380,7 @@ pub fn list_devices() -> Vec<DeviceInfo> {
             DeviceInfo {
                 id,
                 state,
-                spec: stored_spec(id).ok(),
+                stored: stored(id).ok(),
             }
         })
         .collect()

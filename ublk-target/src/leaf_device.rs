@@ -22,7 +22,7 @@ use canopy_peerd::{start_peer, PeerConfig, PeerStats};
 use libublk::io::{BufDescList, UblkDev, UblkIOCtx, UblkQueue};
 use libublk::{BufDesc, UblkIORes};
 use nix::sys::eventfd::{EfdFlags, EventFd};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::control::{CacheChange, Report, Served, Target};
 use crate::device::{
@@ -50,10 +50,11 @@ pub struct LeafOptions {
 }
 
 /// What a leaf device stores in libublk's per-device JSON, so `list` can
-/// say what it serves.
-#[derive(Serialize)]
-struct LeafSpec<'a> {
-    leaf: &'a PeerConfig,
+/// say what it serves and `recover` can say why it will not.
+#[derive(Serialize, Deserialize)]
+pub(crate) struct LeafSpec {
+    /// The node's settings.
+    pub leaf: PeerConfig,
 }
 
 /// Serve the volume from the tree until stopped. Returns after the device is
@@ -107,7 +108,9 @@ pub fn serve_leaf(opts: LeafOptions) -> Result<()> {
     });
     let (server, bdev) = start_controls(&ctrl, target, stop_signals, flush)?;
 
-    let spec_json = serde_json::to_value(LeafSpec { leaf: &opts.peer })?;
+    let spec_json = serde_json::to_value(LeafSpec {
+        leaf: opts.peer.clone(),
+    })?;
     let q_leaf = leaf.clone();
     let q_rt = rt.handle().clone();
     let q_fn = move |qid: u16, dev: &UblkDev| serve_queue(qid, dev, &q_leaf, &q_rt);

@@ -10,7 +10,7 @@ use canopy_origin::{check_chunk_size, check_volume_size, OriginError, OriginStor
 use canopy_peerd::config::{Size, WriteModeSetting};
 use canopy_peerd::{PeerConfig, PeerRole};
 use canopy_ublk::control::{self, CacheChange, Reply, Report, Request, Served};
-use canopy_ublk::device::{self, ServeOptions};
+use canopy_ublk::device::{self, ServeOptions, Stored};
 use canopy_ublk::leaf_device::{self, LeafOptions};
 use canopy_ublk::spec::{cache_layout, VolumeSpec, SPEC_VERSION};
 use canopy_ublk::volume::CacheMode;
@@ -413,11 +413,17 @@ fn list(json: bool) -> Result<()> {
         let rows: Vec<_> = devices
             .iter()
             .map(|d| {
+                let (spec, leaf) = match &d.stored {
+                    Some(Stored::Embedded(s)) => (Some(s), None),
+                    Some(Stored::Leaf(p)) => (None, Some(p)),
+                    None => (None, None),
+                };
                 serde_json::json!({
                     "id": d.id,
                     "device": format!("/dev/ublkb{}", d.id),
                     "state": d.state,
-                    "spec": d.spec,
+                    "spec": spec,
+                    "leaf": leaf,
                 })
             })
             .collect();
@@ -433,10 +439,23 @@ fn list(json: bool) -> Result<()> {
         "id", "device", "state", "mode"
     );
     for d in devices {
-        let (mode, origin) = match &d.spec {
-            Some(s) => (
+        let (mode, origin) = match &d.stored {
+            Some(Stored::Embedded(s)) => (
                 format!("{:?}", s.mode).to_lowercase(),
                 s.origin.display().to_string(),
+            ),
+            Some(Stored::Leaf(p)) => (
+                match p.write_mode() {
+                    WriteModeSetting::Sync => "sync",
+                    WriteModeSetting::SemiSync => "semi-sync",
+                    WriteModeSetting::Async => "async",
+                }
+                .to_string(),
+                format!(
+                    "volume {} from {}",
+                    p.volume,
+                    p.parent.as_deref().unwrap_or("?")
+                ),
             ),
             None => ("-".into(), "(not canopy)".into()),
         };

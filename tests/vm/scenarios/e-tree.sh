@@ -33,6 +33,10 @@ log "leaf 2 (sync) under the root"
 start_volume --parent 127.0.0.1:7400 --volume vol0 --cache-mem 32M
 DEV2=$DEV ID2=$DEV_ID PID2=$DAEMON_PID
 [[ $(blockdev --getsize64 "$DEV1") == $((256 << 20)) ]] || fail "leaf 1 size is not the root's"
+"$UBLK" list | tee /tmp/e-list
+grep -q "async .*volume vol0 from 127.0.0.1:7401" /tmp/e-list || fail "list does not show leaf 1 as a leaf"
+out=$("$UBLK" recover --id "$ID2" 2>&1) && fail "recover of a leaf device succeeded"
+grep -q "leaf of a canopy tree" <<<"$out" || fail "recover of a leaf: unclear error: $out"
 
 mkfs.ext4 -q -F "$DEV1"
 mkdir -p /mnt/l1 /mnt/l2
