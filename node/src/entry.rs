@@ -79,7 +79,10 @@ pub(crate) struct Entry {
     pub held: Perm,
     /// When `held` stops being usable (child nodes only).
     pub expiry: Option<Millis>,
-    /// The chunk's contents, valid while `held >= Read` and no child holds WRITE.
+    /// The chunk's contents, valid while `held >= Read` and no child holds
+    /// WRITE. At the root, a copy of what the origin holds, kept only while
+    /// a request on the row or a read-ahead PUSH needs it (see
+    /// [`crate::Node::origin_loaded`]).
     pub data: Option<Bytes>,
     /// `data` is newer than the parent's copy.
     pub dirty: bool,
@@ -104,6 +107,19 @@ pub(crate) struct Entry {
     pub sync_aged: bool,
     /// A local lock holds this permission: INVALIDATEs wait for its release.
     pub pinned: Perm,
+    /// Root only: an [`crate::Action::OriginRead`] for this chunk is in
+    /// flight, so no second one is issued and the row is kept until it ends.
+    pub loading: bool,
+    /// Root only: the origin was written (or a write failed) while the read
+    /// was in flight, so what it returns may predate that write and is
+    /// thrown away.
+    pub load_stale: bool,
+    /// Root only: the read just completed with this error; set while the
+    /// row is re-run so the request waiting for it fails, then cleared.
+    pub load_error: Option<canopy_proto::Status>,
+    /// Root only: children to PUSH this chunk to (read-ahead) once its
+    /// origin read completes.
+    pub push_waiters: Vec<ChildId>,
 }
 
 impl Entry {
@@ -141,6 +157,8 @@ impl Entry {
             && self.parent_inval.is_empty()
             && self.queue.is_empty()
             && self.pinned == Perm::No
+            && !self.loading
+            && self.push_waiters.is_empty()
     }
 
     /// Busy with a transaction: not a candidate for eviction or the sync daemon.

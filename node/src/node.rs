@@ -2,6 +2,7 @@
 //! requests one at a time.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use canopy_cache::Backing;
@@ -26,6 +27,16 @@ pub enum Action {
     /// The parent missed its heartbeats: drop the connection and dial again
     /// (then call [`Node::parent_up`]).
     ResetParent,
+    /// Root only: read `chunk` from the origin ([`Node::origin`]) and hand
+    /// the result to [`Node::origin_loaded`]. The read may run on another
+    /// thread and complete in any order; the node keeps serving other
+    /// chunks meanwhile and issues at most one read per chunk at a time. A
+    /// caller without threads can answer at once with
+    /// [`Node::serve_origin_read`].
+    OriginRead {
+        /// Chunk number.
+        chunk: u64,
+    },
 }
 
 /// Counters, for `stats` and the simulation's checks.
@@ -105,7 +116,9 @@ pub(crate) struct ChildConn {
 /// A canopy peer for one volume. See the crate docs.
 pub struct Node {
     pub(crate) cfg: NodeConfig,
-    pub(crate) origin: Option<Box<dyn Backing>>,
+    /// Shared so that a driver can read it off the node's thread
+    /// ([`Action::OriginRead`]).
+    pub(crate) origin: Option<Arc<dyn Backing>>,
     /// Chunk size in bytes; 0 for a dataless (lock-only) volume.
     pub(crate) chunk_size: u32,
     pub(crate) volume_size: u64,
@@ -149,11 +162,19 @@ impl Node {
     ) -> Self {
         let mut n = Node::empty(cfg);
         n.cfg.role = Role::Root;
-        n.origin = origin;
+        n.origin = origin.map(Arc::from);
         n.chunk_size = chunk_size;
         n.volume_size = volume_size;
         n.upstream = Upstream::None;
         n
+    }
+
+    /// The root's origin, for a driver that serves [`Action::OriginRead`] on
+    /// other threads. Writes and fdatasync stay with the node (they run
+    /// synchronously in [`Node::handle_child`] and friends), so a driver
+    /// should only read through it.
+    pub fn origin(&self) -> Option<Arc<dyn Backing>> {
+        self.origin.clone()
     }
 
     /// A child node; it learns the volume's geometry from its parent.
@@ -343,36 +364,192 @@ impl Node {
         }
     }
 
-    /// The chunk's current contents: our copy, or the root's origin.
+    /// The chunk's current contents: our copy (at the root, what
+    /// [`Node::origin_data`] loaded).
     pub(crate) fn read_data(&mut self, chunk: u64) -> Result<Bytes, Status> {
         if let Some(d) = self.table.get(&chunk).and_then(|e| e.data.clone()) {
             return Ok(d);
         }
-        if self.is_root() {
-            let size = self.chunk_size as usize;
-            if size == 0 {
-                return Ok(Bytes::new());
-            }
-            let mut buf = BytesMut::zeroed(size);
-            let origin = self.origin.as_ref().ok_or(Status::IoError)?;
-            if let Err(e) = origin.read_chunk(chunk, &mut buf) {
-                tracing::error!(chunk, error = %e, "origin read failed");
-                return Err(Status::IoError);
-            }
-            return Ok(buf.freeze());
+        if self.is_root() && self.chunk_size == 0 {
+            return Ok(Bytes::new());
         }
-        // A child with a usable grant always has data; reaching here is a bug
-        // in the table, answered as an I/O error rather than a panic.
+        // A child with a usable grant always has data, and the root loads
+        // it before any step that reads it; reaching here is a bug in the
+        // table, answered as an I/O error rather than a panic.
         tracing::error!(chunk, "no data for a held chunk");
         Err(Status::IoError)
     }
 
+    /// Before a step reads the chunk's contents at the root: whether they
+    /// are loaded. If not, an [`Action::OriginRead`] is issued (once per
+    /// chunk while it is in flight) and the step must wait; it is re-run
+    /// when [`Node::origin_loaded`] brings the data. Always ready at a
+    /// child (its copy comes with its grant) and on a dataless volume.
+    pub(crate) fn origin_data(&mut self, chunk: u64) -> Loaded {
+        if !self.is_root() || self.chunk_size == 0 {
+            return Loaded::Ready;
+        }
+        let has_origin = self.origin.is_some();
+        let Some(e) = self.table.get_mut(&chunk) else {
+            // Every caller has the row; without one, read_data reports it.
+            return Loaded::Ready;
+        };
+        if e.data.is_some() {
+            return Loaded::Ready;
+        }
+        if let Some(s) = e.load_error.take() {
+            return Loaded::Failed(s);
+        }
+        if !has_origin {
+            tracing::error!(chunk, "root without an origin cannot read");
+            return Loaded::Failed(Status::IoError);
+        }
+        if !e.loading {
+            e.loading = true;
+            e.load_stale = false;
+            self.actions.push_back(Action::OriginRead { chunk });
+        }
+        Loaded::Wait
+    }
+
+    /// The origin read of `chunk` that [`Action::OriginRead`] asked for
+    /// completed (root only): keep the data while requests need it and
+    /// serve what waited for it. A completion for a chunk with no read in
+    /// flight is ignored, as is data of the wrong size (counted as an I/O
+    /// error). If the origin was written while the read was in flight, the
+    /// result is discarded and the chunk read again if still needed.
+    pub fn origin_loaded(&mut self, chunk: u64, result: Result<Bytes, Status>, now: Millis) {
+        let size = self.chunk_size as usize;
+        let Some(e) = self.table.get_mut(&chunk) else {
+            tracing::debug!(chunk, "origin read completed for no row");
+            return;
+        };
+        if !e.loading {
+            tracing::debug!(chunk, "origin read completed but none was in flight");
+            return;
+        }
+        e.loading = false;
+        if std::mem::take(&mut e.load_stale) {
+            tracing::debug!(chunk, "origin read overtaken by a write; discarded");
+        } else {
+            match result {
+                // Data already here would have come from a write made
+                // while reading, which marks the read stale; keep it anyway.
+                Ok(d) if d.len() == size => {
+                    if e.data.is_none() {
+                        e.data = Some(d);
+                    }
+                }
+                Ok(d) => {
+                    tracing::error!(
+                        chunk,
+                        len = d.len(),
+                        "origin read returned a wrong-sized chunk"
+                    );
+                    e.load_error = Some(Status::IoError);
+                }
+                Err(s) => {
+                    tracing::error!(chunk, status = %s, "origin read failed");
+                    e.load_error = Some(s);
+                }
+            }
+        }
+        self.serve_push_waiters(chunk, now);
+        self.run(chunk, now);
+        // The error was for the requests waiting now; a later one retries.
+        if let Some(e) = self.table.get_mut(&chunk) {
+            e.load_error = None;
+        }
+        self.forget_if_idle(chunk);
+    }
+
+    /// Serve an [`Action::OriginRead`] synchronously, on the caller's
+    /// thread, from the node's own origin: for tests and drivers without
+    /// threads. Same as reading [`Node::origin`] and calling
+    /// [`Node::origin_loaded`].
+    pub fn serve_origin_read(&mut self, chunk: u64, now: Millis) {
+        let size = self.chunk_size as usize;
+        let result = match self.origin.as_ref() {
+            Some(origin) => {
+                let mut buf = BytesMut::zeroed(size);
+                match origin.read_chunk(chunk, &mut buf) {
+                    Ok(()) => Ok(buf.freeze()),
+                    Err(e) => {
+                        tracing::error!(chunk, error = %e, "origin read failed");
+                        Err(Status::IoError)
+                    }
+                }
+            }
+            None => Err(Status::IoError),
+        };
+        self.origin_loaded(chunk, result, now);
+    }
+
+    /// Read-ahead PUSHes that waited for `chunk`'s origin read, if it is
+    /// still free to hand out (nothing queued or recalled on it, no writer,
+    /// and the child does not hold it yet). Best effort: a failed read
+    /// pushes nothing.
+    fn serve_push_waiters(&mut self, chunk: u64, now: Millis) {
+        let Some(e) = self.table.get_mut(&chunk) else {
+            return;
+        };
+        let waiters = std::mem::take(&mut e.push_waiters);
+        let Some(data) = e.data.clone() else {
+            return;
+        };
+        for child in waiters {
+            let Some(e) = self.table.get(&chunk) else {
+                return;
+            };
+            let free = e.queue.is_empty()
+                && e.recall.is_empty()
+                && e.child_perm(child) == Perm::No
+                && e.child_writer().is_none();
+            if free && self.children.contains_key(&child) {
+                self.send_push(child, chunk, data.clone(), now);
+            }
+        }
+    }
+
+    /// At the root, loaded contents nobody waits for are dropped: the
+    /// origin is the copy, and keeping every chunk read would hold a whole
+    /// cold read in memory.
+    fn drop_unneeded_origin_data(&mut self, chunk: u64) {
+        if !self.is_root() {
+            return;
+        }
+        if let Some(e) = self.table.get_mut(&chunk) {
+            if e.queue.is_empty() && !e.loading {
+                e.data = None;
+            }
+        }
+    }
+
     /// Store `data` as the chunk's newest contents at this node: the root
     /// writes its origin, a child marks its copy dirty.
+    ///
+    /// At the root the write and any fdatasync still run synchronously on
+    /// the node's thread; only reads go through [`Action::OriginRead`].
+    /// Moving writes off it needs the same wait-and-resume on every path
+    /// that stores (PUT, partial write, a FLUSH applied on arrival, an
+    /// INVALIDATE answer carrying data), and a cold read is all reads. An
+    /// origin read of the chunk still in flight is marked stale, since it
+    /// may return the contents from before this write.
     pub(crate) fn store_data(&mut self, chunk: u64, data: Bytes, sync: bool) -> Result<(), Status> {
         if self.is_root() {
-            if let Some(origin) = self.origin.as_ref() {
-                if let Err(e) = origin.write_chunk(chunk, &data) {
+            if let Some(origin) = self.origin.clone() {
+                let written = origin.write_chunk(chunk, &data);
+                if let Some(e) = self.table.get_mut(&chunk) {
+                    if e.loading {
+                        e.load_stale = true;
+                    }
+                    // The loaded copy must stay what the origin holds: the
+                    // new contents if written (kept only while the row is
+                    // in use), nothing if the write failed.
+                    let in_use = e.loading || !e.queue.is_empty();
+                    e.data = (written.is_ok() && in_use).then(|| data.clone());
+                }
+                if let Err(e) = written {
                     tracing::error!(chunk, error = %e, "origin write failed");
                     return Err(Status::IoError);
                 }
@@ -466,6 +643,7 @@ impl Node {
                 return;
             }
             if e.queue.is_empty() {
+                self.drop_unneeded_origin_data(chunk);
                 self.forget_if_idle(chunk);
                 return;
             }
@@ -632,10 +810,18 @@ impl Node {
                             .get(&chunk)
                             .is_some_and(|e| e.child_perm(c) == Perm::No)
                     });
+                if with_data {
+                    if let Some(step) = self.wait_for_data(chunk, &from) {
+                        return step;
+                    }
+                }
                 self.grant_child(chunk, &from, want, with_data, now);
                 Step::Done
             }
             Req::Read => {
+                if let Some(step) = self.wait_for_data(chunk, &from) {
+                    return step;
+                }
                 let r = self.read_data(chunk).map(LocalReply::Data);
                 if let Requester::Local(id) = from {
                     self.local_done(id, r);
@@ -653,6 +839,20 @@ impl Node {
             }
             Req::Put { .. } | Req::Write { .. } => self.apply_write(chunk, &from, &req, now),
             Req::PassUp { .. } | Req::Forward => Step::Done,
+        }
+    }
+
+    /// The head request needs the chunk's contents: None when they are
+    /// here, otherwise what the step does (wait for the origin read, or
+    /// fail the request with its error).
+    fn wait_for_data(&mut self, chunk: u64, from: &Requester) -> Option<Step> {
+        match self.origin_data(chunk) {
+            Loaded::Ready => None,
+            Loaded::Wait => Some(Step::Wait),
+            Loaded::Failed(s) => {
+                self.answer(from, Err(s));
+                Some(Step::Done)
+            }
         }
     }
 
@@ -772,6 +972,8 @@ impl Node {
     }
 
     /// Read-ahead: PUSH the next chunks to a child that just read this one.
+    /// At the root a chunk not loaded yet is pushed once its origin read
+    /// completes (see [`Node::origin_loaded`]).
     fn push_following(&mut self, child: ChildId, chunk: u64, now: Millis) {
         for k in 1..=u64::from(self.push_ahead) {
             let Some(next) = chunk.checked_add(k) else {
@@ -789,25 +991,44 @@ impl Node {
                 self.forget_if_idle(next);
                 continue;
             }
-            let Ok(data) = self.read_data(next) else {
-                continue;
-            };
-            let ttl = self.ttl_for_child(&self.table[&next], now);
-            if let Some(e) = self.table.get_mut(&next) {
-                e.set_child(child, Perm::Read);
+            match self.origin_data(next) {
+                Loaded::Ready => {
+                    if let Ok(data) = self.read_data(next) {
+                        self.send_push(child, next, data, now);
+                    }
+                }
+                Loaded::Wait => {
+                    if let Some(e) = self.table.get_mut(&next) {
+                        if !e.push_waiters.contains(&child) {
+                            e.push_waiters.push(child);
+                        }
+                    }
+                }
+                Loaded::Failed(_) => self.forget_if_idle(next),
             }
-            let xid = self.alloc_xid(Outstanding::Release { chunk: next });
-            let mut m = Message::new(Opcode::Push, xid);
-            m.params.volume_id = Some(self.cfg.child_volume_id);
-            m.params.block_num = Some(next);
-            m.params.permissions = Some(Perm::Read);
-            m.params.data = Some(data);
-            m.params.ttl_ms = Some(ttl);
-            // A PUSH has no reply; the XID only names it in traces.
-            self.outstanding.remove(&xid);
-            self.stats.pushes_sent += 1;
-            self.send_child(child, m);
         }
+    }
+
+    /// PUSH `data` of `chunk` to `child` with READ, recording the grant.
+    fn send_push(&mut self, child: ChildId, chunk: u64, data: Bytes, now: Millis) {
+        let ttl = self
+            .table
+            .get(&chunk)
+            .map_or(0, |e| self.ttl_for_child(e, now));
+        if let Some(e) = self.table.get_mut(&chunk) {
+            e.set_child(child, Perm::Read);
+        }
+        let xid = self.alloc_xid(Outstanding::Release { chunk });
+        let mut m = Message::new(Opcode::Push, xid);
+        m.params.volume_id = Some(self.cfg.child_volume_id);
+        m.params.block_num = Some(chunk);
+        m.params.permissions = Some(Perm::Read);
+        m.params.data = Some(data);
+        m.params.ttl_ms = Some(ttl);
+        // A PUSH has no reply; the XID only names it in traces.
+        self.outstanding.remove(&xid);
+        self.stats.pushes_sent += 1;
+        self.send_child(child, m);
     }
 
     /// Apply a PUT or local write once we hold WRITE and nothing conflicts.
@@ -823,6 +1044,15 @@ impl Node {
             .and_then(|e| e.queue.front())
             .is_some_and(|p| p.applied);
         if !applied {
+            // A partial write merges into the current contents, which the
+            // root may first have to read.
+            let partial = matches!(req, Req::Write { offset, data, .. }
+                if *offset != 0 || data.len() != self.chunk_size as usize);
+            if partial {
+                if let Some(step) = self.wait_for_data(chunk, from) {
+                    return step;
+                }
+            }
             let new = match req {
                 Req::Put { data, .. } => Ok(data.clone()),
                 Req::Write { offset, data, .. } => self.merge(chunk, *offset, data),
@@ -1085,6 +1315,16 @@ fn recall_target(need: Perm) -> Perm {
     } else {
         Perm::Read
     }
+}
+
+/// Whether the root has a chunk's contents at hand ([`Node::origin_data`]).
+pub(crate) enum Loaded {
+    /// Loaded (or no load needed).
+    Ready,
+    /// An origin read is in flight; the step waits for it.
+    Wait,
+    /// The origin read failed with this status.
+    Failed(Status),
 }
 
 /// What one step of a request did.

@@ -54,6 +54,8 @@ struct Tree {
     origin: Mem,
     /// (sender, xid) of heartbeats, to leave them and their replies out of the log.
     heartbeats: Vec<(usize, u32)>,
+    /// The latest time given to the tree, for the origin reads `drain` serves.
+    clock: u64,
 }
 
 impl Tree {
@@ -95,6 +97,7 @@ impl Tree {
             done: Vec::new(),
             origin,
             heartbeats: Vec::new(),
+            clock: 0,
         }
     }
 
@@ -104,6 +107,9 @@ impl Tree {
                 Action::ToParent(m) => self.wire.push_back((i, PARENT[i].unwrap(), m)),
                 Action::ToChild(c, m) => self.wire.push_back((i, c as usize, m)),
                 Action::LocalDone(id, r) => self.done.push((i, id, r)),
+                // The root's origin reads are served at once, on this
+                // thread, so message order is as with a synchronous origin.
+                Action::OriginRead { chunk } => self.nodes[i].serve_origin_read(chunk, self.clock),
                 other => panic!("unexpected {other:?}"),
             }
         }
@@ -111,6 +117,7 @@ impl Tree {
 
     /// Deliver the oldest message in flight at time `now`.
     fn deliver_one(&mut self, now: u64) {
+        self.clock = now;
         let (from, to, m) = self.wire.pop_front().expect("a message in flight");
         // Heartbeats are not part of the seed's sequences: keep them out of
         // the log, and their replies too.
@@ -138,11 +145,13 @@ impl Tree {
     }
 
     fn local(&mut self, i: usize, id: u64, op: LocalOp, now: u64) {
+        self.clock = now;
         self.nodes[i].local(LocalId(id), op, now);
         self.drain(i);
     }
 
     fn link_up(&mut self, i: usize, now: u64) {
+        self.clock = now;
         self.nodes[i].parent_up(now);
         self.drain(i);
     }

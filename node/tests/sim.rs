@@ -18,6 +18,12 @@
 //! (iv) with the scheduler made fair at the end, every request completes.
 //! Locks on a dedicated chunk are checked for mutual exclusion.
 //!
+//! The root's origin reads (`Action::OriginRead`) complete like messages:
+//! after a random delay and in any order, with contents read either when
+//! asked or when completed (a real read may see the disk at any moment in
+//! between), so a read overtaken by a write must be discarded by the node.
+//! Some seeds serve them at once instead (`Node::serve_origin_read`).
+//!
 //! `SIM_SEEDS=N` runs N seeds from `SIM_FIRST` (default 0; N defaults to
 //! 3000); `SIM_SEED=S` replays one
 //! seed and prints its trace. A failure names its seed.
@@ -165,6 +171,20 @@ struct Sim {
     next_tag: u64,
     verbose: bool,
     modes: Vec<WriteMode>,
+    /// The root's origin reads in flight: the chunk, and its contents if
+    /// read when asked (otherwise read when completed).
+    loads: Vec<(u64, Option<Bytes>)>,
+    /// This seed serves origin reads at once, on the root's thread.
+    inline_loads: bool,
+}
+
+/// Something the scheduler can make happen next.
+#[derive(Clone, Copy)]
+enum Work {
+    /// Deliver on the link between node i and its parent (up or down).
+    Link(usize, bool),
+    /// Complete the root's origin read number k.
+    Load(usize),
 }
 
 impl Sim {
@@ -220,6 +240,7 @@ impl Sim {
             nodes.push(n);
         }
         let count = nodes.len();
+        let inline_loads = rng.chance(20);
         let mut sim = Sim {
             seed,
             rng,
@@ -238,6 +259,8 @@ impl Sim {
             next_tag: 1,
             verbose,
             modes,
+            loads: Vec::new(),
+            inline_loads,
         };
         for i in 1..count {
             sim.nodes[i].parent_up(sim.now);
@@ -275,8 +298,45 @@ impl Sim {
                 )),
                 Action::ResetParent => self.fail(format!("{} lost its parent", self.names[i])),
                 Action::LocalDone(id, r) => self.complete(i, id, r),
+                Action::OriginRead { chunk } => {
+                    if self.verbose {
+                        println!("{:>5} {} origin read {chunk}", self.step, self.names[i]);
+                    }
+                    if self.parent[i].is_some() {
+                        self.fail(format!("{} is no root but read an origin", self.names[i]));
+                    }
+                    if self.loads.iter().any(|(c, _)| *c == chunk) {
+                        self.fail(format!("second origin read of chunk {chunk} in flight"));
+                    }
+                    if self.inline_loads {
+                        self.nodes[i].serve_origin_read(chunk, self.now);
+                    } else {
+                        let snapshot = self.rng.chance(50).then(|| self.origin_chunk(chunk));
+                        self.loads.push((chunk, snapshot));
+                    }
+                }
             }
         }
+    }
+
+    /// The chunk as the root's origin holds it now (written, maybe not synced).
+    fn origin_chunk(&self, chunk: u64) -> Bytes {
+        let mut buf = vec![0; CHUNK];
+        if let Err(e) = self.origin.read_chunk(chunk, &mut buf) {
+            self.fail(format!("origin read of chunk {chunk}: {e}"));
+        }
+        Bytes::from(buf)
+    }
+
+    /// Complete the root's origin read number `k`.
+    fn complete_load(&mut self, k: usize) {
+        let (chunk, snapshot) = self.loads.remove(k);
+        let data = snapshot.unwrap_or_else(|| self.origin_chunk(chunk));
+        if self.verbose {
+            println!("{:>5} A origin read {chunk} done", self.step);
+        }
+        self.nodes[0].origin_loaded(chunk, Ok(data), self.now);
+        self.drain(0);
     }
 
     fn complete(&mut self, leaf: usize, id: LocalId, r: Result<LocalReply, canopy_proto::Status>) {
@@ -570,27 +630,35 @@ impl Sim {
         }
     }
 
-    fn busy_links(&self) -> Vec<(usize, bool)> {
+    fn busy(&self) -> Vec<Work> {
         let mut v = Vec::new();
         for i in 1..self.nodes.len() {
             if !self.up[i].is_empty() {
-                v.push((i, true));
+                v.push(Work::Link(i, true));
             }
             if !self.down[i].is_empty() {
-                v.push((i, false));
+                v.push(Work::Link(i, false));
             }
         }
+        v.extend((0..self.loads.len()).map(Work::Load));
         v
+    }
+
+    fn perform(&mut self, w: Work) {
+        match w {
+            Work::Link(i, upward) => self.deliver(i, upward),
+            Work::Load(k) => self.complete_load(k),
+        }
     }
 
     fn random_step(&mut self) {
         self.step += 1;
         let r = self.rng.below(100);
         if r < 60 {
-            let links = self.busy_links();
-            if !links.is_empty() {
-                let (i, upward) = links[self.rng.below(links.len() as u64) as usize];
-                self.deliver(i, upward);
+            let work = self.busy();
+            if !work.is_empty() {
+                let w = work[self.rng.below(work.len() as u64) as usize];
+                self.perform(w);
             }
         } else if r < 85 {
             let leaf = self.leaves[self.rng.below(self.leaves.len() as u64) as usize];
@@ -608,15 +676,11 @@ impl Sim {
     fn quiesce(&mut self) {
         for _ in 0..QUIESCE_STEPS {
             self.step += 1;
-            let links = self.busy_links();
-            if let Some(&(i, upward)) = links.first() {
-                let pick = links[self.rng.below(links.len() as u64) as usize];
-                let (i, upward) = if self.rng.chance(50) {
-                    pick
-                } else {
-                    (i, upward)
-                };
-                self.deliver(i, upward);
+            let work = self.busy();
+            if let Some(&first) = work.first() {
+                let pick = work[self.rng.below(work.len() as u64) as usize];
+                let w = if self.rng.chance(50) { pick } else { first };
+                self.perform(w);
             } else if self.running.is_empty()
                 || self.locks.keys().any(|l| !self.running.contains_key(l))
             {

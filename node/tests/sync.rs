@@ -81,6 +81,8 @@ struct Tree {
     log: Vec<String>,
     done: Vec<(usize, LocalId, Result<LocalReply, Status>)>,
     origin: Mem,
+    /// The latest time given to the tree, for the origin reads `drain` serves.
+    clock: u64,
 }
 
 impl Tree {
@@ -115,6 +117,7 @@ impl Tree {
             log: Vec::new(),
             done: Vec::new(),
             origin,
+            clock: 0,
         };
         for i in [B, D, S] {
             t.nodes[i].parent_up(0);
@@ -130,12 +133,16 @@ impl Tree {
                 Action::ToParent(m) => self.wire.push_back((i, PARENT[i].unwrap(), m)),
                 Action::ToChild(c, m) => self.wire.push_back((i, c as usize, m)),
                 Action::LocalDone(id, r) => self.done.push((i, id, r)),
+                // The root's origin reads are served at once, on this
+                // thread, so message order is as with a synchronous origin.
+                Action::OriginRead { chunk } => self.nodes[i].serve_origin_read(chunk, self.clock),
                 other => panic!("unexpected {other:?}"),
             }
         }
     }
 
     fn deliver_all(&mut self, now: u64) {
+        self.clock = now;
         for _ in 0..1000 {
             let Some((from, to, m)) = self.wire.pop_front() else {
                 return;
@@ -153,6 +160,7 @@ impl Tree {
 
     /// Run a local request to completion and return its result.
     fn run(&mut self, i: usize, id: u64, op: LocalOp, now: u64) -> Result<LocalReply, Status> {
+        self.clock = now;
         self.nodes[i].local(LocalId(id), op, now);
         self.drain(i);
         self.deliver_all(now);

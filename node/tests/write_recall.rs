@@ -102,6 +102,9 @@ impl Tree {
                 Action::ToParent(m) => self.wire.push_back((i, PARENT[i].unwrap(), m)),
                 Action::ToChild(c, m) => self.wire.push_back((i, c as usize, m)),
                 Action::LocalDone(id, r) => self.done.push((i, id, r)),
+                // The root's origin reads are served at once, on this
+                // thread, so message order is as with a synchronous origin.
+                Action::OriginRead { chunk } => self.nodes[i].serve_origin_read(chunk, 10),
                 other => panic!("unexpected {other:?}"),
             }
         }

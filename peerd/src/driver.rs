@@ -9,7 +9,12 @@
 //!   writer task encodes and writes whatever the node sends;
 //! - a parent task dials the parent, redials when the link drops or the node
 //!   asks for a reset, and hands each new link over the same way;
-//! - [`NodeHandle`]s send local requests and wait on a oneshot for the reply.
+//! - [`NodeHandle`]s send local requests and wait on a oneshot for the reply;
+//! - at the root, origin reads ([`Action::OriginRead`]) run on tokio's
+//!   blocking threads, at most `ORIGIN_READS` at a time, and come back on
+//!   a channel of their own, so the disk sees many requests at once and the
+//!   node keeps serving other chunks while one waits. Origin writes and
+//!   fdatasync still run inside the node task (see `Node::store_data`).
 //!
 //! The event channel is bounded so that a node that falls behind slows its
 //! readers, and through them TCP, instead of queueing without limit. The
@@ -22,12 +27,13 @@
 //! After every input the node's actions are drained completely, then
 //! [`Node::poll_timeout`] says when to wake next.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use canopy_cache::Backing;
 use canopy_node::{Action, ChildId, LocalId, LocalOp, LocalReply, Node, NodeStats};
 use canopy_proto::frame::{split_frame, write_frame};
 use canopy_proto::{decode, DecodeError, Message, Opcode, Perm, Status};
@@ -43,6 +49,12 @@ use crate::trace::{Direction, PeerName, Tracer};
 
 /// Events queued to the node task before readers wait for it.
 const EVENT_QUEUE: usize = 1024;
+
+/// Origin reads the root runs at once. Enough to keep a disk's queue busy
+/// (and the node's task free) for a tree's worth of readers, bounded so a
+/// flood of requests cannot spawn unbounded blocking work: the rest wait
+/// in a backlog of chunk numbers.
+const ORIGIN_READS: usize = 32;
 
 /// How long one attempt to reach the parent may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -336,6 +348,14 @@ pub fn start(node: Node, opts: DriverOptions) -> Peer {
         .parent
         .map(|addr| tokio::spawn(parent_loop(addr, events_tx.clone(), reset_rx)));
     let lazy = node.config().connect_lazily;
+    let (done_tx, done_rx) = mpsc::unbounded_channel();
+    let reads = OriginReads {
+        origin: node.origin(),
+        in_flight: 0,
+        backlog: VecDeque::new(),
+        done_tx,
+        done_rx,
+    };
     let task = NodeTask {
         node,
         name: opts.name,
@@ -353,6 +373,7 @@ pub fn start(node: Node, opts: DriverOptions) -> Peer {
         decode_errors: 0,
         acceptor,
         dialer,
+        reads,
     };
     let task = tokio::spawn(task.run(shutdown_rx));
     Peer {
@@ -362,6 +383,24 @@ pub fn start(node: Node, opts: DriverOptions) -> Peer {
         shutdown: shutdown_tx,
         task,
     }
+}
+
+/// A finished origin read: the chunk and its contents or why not.
+type OriginDone = (u64, Result<Bytes, Status>);
+
+/// The root's origin reads (see [`ORIGIN_READS`]).
+struct OriginReads {
+    /// Shared with the node, which writes and syncs it in its own task.
+    origin: Option<Arc<dyn Backing>>,
+    /// Reads running on blocking threads.
+    in_flight: usize,
+    /// Chunks to read once fewer than [`ORIGIN_READS`] run. The node asks
+    /// at most once per chunk until answered, so this holds each chunk once.
+    backlog: VecDeque<u64>,
+    /// Completions, unbounded because at most [`ORIGIN_READS`] are ever
+    /// outstanding.
+    done_tx: mpsc::UnboundedSender<OriginDone>,
+    done_rx: mpsc::UnboundedReceiver<OriginDone>,
 }
 
 /// The task that owns the node.
@@ -385,6 +424,7 @@ struct NodeTask {
     decode_errors: u64,
     acceptor: Option<JoinHandle<()>>,
     dialer: Option<JoinHandle<()>>,
+    reads: OriginReads,
 }
 
 impl NodeTask {
@@ -426,6 +466,16 @@ impl NodeTask {
                         tracing::info!(node = %self.name, chunks = sent, "sending chunks up before stopping");
                         releasing = Some(Instant::now() + RELEASE_WAIT);
                         continue;
+                    }
+                }
+                // Before new requests: a completion frees a read slot and
+                // answers requests that already waited.
+                Some((chunk, r)) = self.reads.done_rx.recv() => {
+                    self.reads.in_flight = self.reads.in_flight.saturating_sub(1);
+                    self.node.origin_loaded(chunk, r, self.now());
+                    while self.reads.in_flight < ORIGIN_READS {
+                        let Some(next) = self.reads.backlog.pop_front() else { break };
+                        self.spawn_origin_read(next);
                     }
                 }
                 ev = self.events.recv() => {
@@ -573,9 +623,50 @@ impl NodeTask {
                         let _ = self.reset_tx.send(gen);
                     }
                 }
+                Action::OriginRead { chunk } => {
+                    if self.reads.in_flight < ORIGIN_READS {
+                        self.spawn_origin_read(chunk);
+                    } else {
+                        self.reads.backlog.push_back(chunk);
+                    }
+                }
             }
         }
         self.update_readiness(None);
+    }
+
+    /// Read `chunk` from the origin on a blocking thread; the result comes
+    /// back on `reads.done_rx`.
+    fn spawn_origin_read(&mut self, chunk: u64) {
+        let Some(origin) = self.reads.origin.clone() else {
+            // A node asks only when it has an origin; answer rather than
+            // leave the request waiting forever.
+            tracing::error!(node = %self.name, chunk, "origin read asked for without an origin");
+            let now = self.now();
+            self.node.origin_loaded(chunk, Err(Status::IoError), now);
+            return;
+        };
+        let size = self.node.chunk_size() as usize;
+        let done = self.reads.done_tx.clone();
+        self.reads.in_flight += 1;
+        let read =
+            tokio::task::spawn_blocking(move || match read_aligned(origin.as_ref(), chunk, size) {
+                Ok(data) => Ok(data),
+                Err(e) => {
+                    tracing::error!(chunk, error = %e, "origin read failed");
+                    Err(Status::IoError)
+                }
+            });
+        // Awaited on a task of its own so that a read that panics still
+        // frees its slot and fails its requests instead of hanging them.
+        tokio::spawn(async move {
+            let r = read.await.unwrap_or_else(|e| {
+                tracing::error!(chunk, error = %e, "origin read task failed");
+                Err(Status::IoError)
+            });
+            // The node task may have stopped; then nobody needs the data.
+            let _ = done.send((chunk, r));
+        });
     }
 
     fn send_parent(&mut self, m: Message) {
@@ -678,6 +769,19 @@ impl NodeTask {
         }
         tracing::info!(node = %self.name, "stopped");
     }
+}
+
+/// Read `chunk` into a page-aligned buffer, so that an O_DIRECT origin
+/// reads straight into it instead of through a bounce buffer and a copy.
+/// The alignment comes from allocating a page more than the chunk and
+/// slicing, which costs that page while the data lives (one round trip to
+/// a child) and needs no unsafe code.
+fn read_aligned(origin: &dyn Backing, chunk: u64, size: usize) -> std::io::Result<Bytes> {
+    const PAGE: usize = 4096;
+    let mut buf = vec![0u8; size + PAGE];
+    let off = (PAGE - buf.as_ptr() as usize % PAGE) % PAGE;
+    origin.read_chunk(chunk, &mut buf[off..off + size])?;
+    Ok(Bytes::from(buf).slice(off..off + size))
 }
 
 async fn sleep_until_opt(t: Option<Instant>) {

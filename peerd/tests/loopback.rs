@@ -430,3 +430,37 @@ async fn bad_input_gets_err_reply_and_bad_framing_closes() {
         within("shutdown", p.shutdown()).await;
     }
 }
+
+/// More reads at once than the root runs origin reads (32): the rest wait
+/// in its backlog, and every chunk still comes back with the origin's bytes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_concurrent_cold_reads_through_the_root() {
+    let dir = tempfile::tempdir().unwrap();
+    let contents: Vec<u8> = (0..VOLUME as usize)
+        .map(|i| (i / CHUNK as usize) as u8 ^ i as u8)
+        .collect();
+    std::fs::write(dir.path().join("origin.img"), &contents).unwrap();
+    let root = start(root_cfg(dir.path(), None)).await;
+    let leaf = start(leaf_cfg("D", &root, "vol", None)).await;
+    let h = leaf.handle();
+    let chunks = VOLUME / CHUNK;
+    let mut reads = tokio::task::JoinSet::new();
+    for chunk in 0..chunks {
+        let h = h.clone();
+        reads.spawn(async move { (chunk, h.read(chunk).await) });
+    }
+    let mut seen = 0;
+    while let Some(r) = within("concurrent reads", reads.join_next()).await {
+        let (chunk, data) = r.expect("read task");
+        let data = data.expect("read succeeds");
+        let start = (chunk * CHUNK) as usize;
+        assert!(
+            data[..] == contents[start..start + CHUNK as usize],
+            "chunk {chunk} differs from the origin"
+        );
+        seen += 1;
+    }
+    assert_eq!(seen, chunks);
+    leaf.shutdown().await;
+    root.shutdown().await;
+}

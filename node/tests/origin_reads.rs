@@ -1,0 +1,233 @@
+//! The root's asynchronous origin reads, driven by hand: children's GETs
+//! become `Action::OriginRead`s, one per chunk however many wait, the
+//! replies follow the completions in whatever order they come, a failed
+//! read fails only the requests waiting for it, and a read overtaken by a
+//! write is never served.
+
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use canopy_cache::Backing;
+use canopy_node::{Action, Node, NodeConfig, Role};
+use canopy_proto::{IoOp, Message, Opcode, Perm, Status};
+
+const CHUNK: usize = 64;
+const CHUNKS: usize = 8;
+const VOL: u32 = 77;
+
+#[derive(Clone)]
+struct Mem(Arc<Mutex<Vec<u8>>>);
+impl Backing for Mem {
+    fn read_chunk(&self, chunk: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        let off = chunk as usize * CHUNK;
+        buf.copy_from_slice(&self.0.lock().unwrap()[off..off + CHUNK]);
+        Ok(())
+    }
+    fn write_chunk(&self, chunk: u64, data: &[u8]) -> std::io::Result<()> {
+        let off = chunk as usize * CHUNK;
+        self.0.lock().unwrap()[off..off + CHUNK].copy_from_slice(data);
+        Ok(())
+    }
+    fn sync(&self) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn zero_chunk(&self, chunk: u64) -> std::io::Result<()> {
+        self.write_chunk(chunk, &[0; CHUNK])
+    }
+}
+
+/// A root whose origin holds byte `chunk + 1` throughout each chunk, with
+/// children 1..=3 connected.
+fn root(push_ahead: u32) -> (Node, Mem) {
+    let mut bytes = vec![0; CHUNK * CHUNKS];
+    for (i, b) in bytes.iter_mut().enumerate() {
+        *b = (i / CHUNK) as u8 + 1;
+    }
+    let origin = Mem(Arc::new(Mutex::new(bytes)));
+    let cfg = NodeConfig::new(Role::Root, "vol", VOL);
+    let mut n = Node::new_root(
+        cfg,
+        Some(Box::new(origin.clone())),
+        CHUNK as u32,
+        (CHUNK * CHUNKS) as u64,
+    );
+    n.set_push_ahead(push_ahead);
+    for child in 1..=3 {
+        let mut m = Message::new(Opcode::Connect, 1);
+        m.params.volume_name = Some("vol".into());
+        n.handle_child(child, m, 0);
+    }
+    drain(&mut n);
+    (n, origin)
+}
+
+fn drain(n: &mut Node) -> Vec<Action> {
+    std::iter::from_fn(|| n.poll_action()).collect()
+}
+
+fn request(op: IoOp, xid: u32, chunk: u64, perm: Perm, data: Option<Bytes>) -> Message {
+    let mut m = Message::new(Opcode::IoRequest, xid);
+    m.params.io_op = Some(op);
+    m.params.volume_id = Some(VOL);
+    m.params.block_num = Some(chunk);
+    m.params.permissions = Some(perm);
+    m.params.data = data;
+    m
+}
+
+fn get(n: &mut Node, child: u64, xid: u32, chunk: u64) -> Vec<Action> {
+    n.handle_child(child, request(IoOp::Get, xid, chunk, Perm::Read, None), 1);
+    drain(n)
+}
+
+fn reads(actions: &[Action]) -> Vec<u64> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::OriginRead { chunk } => Some(*chunk),
+            _ => None,
+        })
+        .collect()
+}
+
+/// The replies in `actions`: (child, xid, opcode, first data byte).
+fn replies(actions: &[Action]) -> Vec<(u64, u32, Opcode, Option<u8>)> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::ToChild(c, m) => Some((
+                *c,
+                m.header.xid,
+                m.header.opcode,
+                m.params.data.as_ref().map(|d| d[0]),
+            )),
+            _ => None,
+        })
+        .collect()
+}
+
+fn chunk_of(byte: u8) -> Bytes {
+    Bytes::from(vec![byte; CHUNK])
+}
+
+#[test]
+fn reads_overlap_and_complete_in_any_order() {
+    let (mut n, origin) = root(0);
+    let mut asked = Vec::new();
+    for chunk in 0..4 {
+        let a = get(&mut n, 1, 10 + chunk as u32, chunk);
+        assert!(replies(&a).is_empty(), "no reply before the origin read");
+        asked.extend(reads(&a));
+    }
+    // A second reader of chunk 2 waits for the same read.
+    let a = get(&mut n, 2, 20, 2);
+    assert!(reads(&a).is_empty() && replies(&a).is_empty(), "{a:?}");
+    assert_eq!(asked, vec![0, 1, 2, 3]);
+
+    // Completed backwards: each answers its own waiters at once.
+    for chunk in (0..4u64).rev() {
+        let mut buf = vec![0; CHUNK];
+        origin.read_chunk(chunk, &mut buf).unwrap();
+        n.origin_loaded(chunk, Ok(Bytes::from(buf)), 2);
+        let r = replies(&drain(&mut n));
+        let byte = Some(chunk as u8 + 1);
+        let mut want = vec![(1, 10 + chunk as u32, Opcode::OkReply, byte)];
+        if chunk == 2 {
+            want.push((2, 20, Opcode::OkReply, byte));
+        }
+        assert_eq!(r, want);
+        // Nothing is kept at the root once served.
+        assert_eq!(n.inspect(chunk, 2).data, None);
+    }
+    // A completion nobody asked for is ignored.
+    n.origin_loaded(5, Ok(chunk_of(9)), 3);
+    assert!(drain(&mut n).is_empty());
+}
+
+#[test]
+fn a_failed_read_fails_its_waiters_and_the_next_request_retries() {
+    let (mut n, _origin) = root(0);
+    assert_eq!(reads(&get(&mut n, 1, 10, 3)), vec![3]);
+    assert!(drain(&mut n).is_empty());
+    get(&mut n, 2, 11, 3);
+    n.origin_loaded(3, Err(Status::IoError), 2);
+    let a = drain(&mut n);
+    // The head fails; the request behind it asks the origin again.
+    assert_eq!(replies(&a), vec![(1, 10, Opcode::ErrReply, None)]);
+    assert_eq!(reads(&a), vec![3]);
+    n.serve_origin_read(3, 3);
+    assert_eq!(
+        replies(&drain(&mut n)),
+        vec![(2, 11, Opcode::OkReply, Some(4))]
+    );
+    // A wrong-sized result is an I/O error too.
+    assert_eq!(reads(&get(&mut n, 3, 12, 4)), vec![4]);
+    n.origin_loaded(4, Ok(Bytes::from_static(b"short")), 4);
+    assert_eq!(
+        replies(&drain(&mut n)),
+        vec![(3, 12, Opcode::ErrReply, None)]
+    );
+}
+
+#[test]
+fn read_ahead_pushes_once_loaded() {
+    let (mut n, _origin) = root(2);
+    let a = get(&mut n, 1, 10, 0);
+    assert_eq!(reads(&a), vec![0]);
+    n.serve_origin_read(0, 1);
+    let a = drain(&mut n);
+    assert_eq!(replies(&a), vec![(1, 10, Opcode::OkReply, Some(1))]);
+    assert_eq!(reads(&a), vec![1, 2]);
+    n.serve_origin_read(2, 2);
+    n.serve_origin_read(1, 2);
+    let pushes: Vec<_> = replies(&drain(&mut n))
+        .into_iter()
+        .map(|(c, _, op, d)| (c, op, d))
+        .collect();
+    assert_eq!(
+        pushes,
+        vec![(1, Opcode::Push, Some(3)), (1, Opcode::Push, Some(2))]
+    );
+    assert_eq!(n.inspect(1, 2).children, vec![(1, Perm::Read)]);
+}
+
+/// A read-ahead load of chunk 1 is in flight when a PUT replaces it and
+/// another child's GET waits for the writer's recall; the load then brings
+/// the old contents, which must not be what that GET gets.
+#[test]
+fn a_read_overtaken_by_a_write_is_not_served() {
+    let (mut n, _origin) = root(1);
+    get(&mut n, 1, 10, 0);
+    n.serve_origin_read(0, 1);
+    assert_eq!(reads(&drain(&mut n)), vec![1]);
+
+    let put = request(IoOp::Put, 11, 1, Perm::Write, Some(chunk_of(0xAA)));
+    n.handle_child(2, put, 2);
+    let a = drain(&mut n);
+    assert_eq!(replies(&a), vec![(2, 11, Opcode::OkReply, None)]);
+
+    // Child 3 reads: child 2 holds WRITE, so it is recalled first.
+    let a = get(&mut n, 3, 12, 1);
+    let inval = a
+        .iter()
+        .find_map(|x| match x {
+            Action::ToChild(2, m) if m.header.opcode == Opcode::Invalidate => Some(m.header.xid),
+            _ => None,
+        })
+        .expect("INVALIDATE to the writer");
+
+    // The stale read completes now, with what the origin held before.
+    n.origin_loaded(1, Ok(chunk_of(2)), 3);
+    assert!(
+        replies(&drain(&mut n)).is_empty(),
+        "no PUSH beside a writer"
+    );
+
+    let mut ok = Message::new(Opcode::OkReply, inval);
+    ok.params.permissions = Some(Perm::Read);
+    n.handle_child(2, ok, 4);
+    assert_eq!(
+        replies(&drain(&mut n)),
+        vec![(3, 12, Opcode::OkReply, Some(0xAA))]
+    );
+}
