@@ -144,14 +144,41 @@ impl Node {
                 }
             }
             Outstanding::Up { chunk, sent } => self.up_answered(chunk, xid, sent, m, ok, now),
-            Outstanding::Release { chunk } => {
+            Outstanding::Release { chunk, carried } => {
                 if !ok {
                     tracing::warn!(chunk, status = ?m.params.status, "parent refused a release");
+                    if carried {
+                        self.release_refused(chunk);
+                    }
                 }
             }
             Outstanding::Invalidate { .. } => {
                 tracing::warn!(xid, "parent answered an INVALIDATE we sent to a child");
             }
+        }
+    }
+
+    /// The parent refused a FLUSH that carried our dirty copy without a
+    /// request waiting on it (sync daemon, eviction, a clean stop), e.g.
+    /// because the root could not write its origin. If we still hold WRITE
+    /// and the copy, it is dirty again and goes up on the next pass. If we
+    /// gave it up, the parent may not have it: count the loss, and make the
+    /// next device FLUSH of that chunk fail rather than claim durability.
+    fn release_refused(&mut self, chunk: u64) {
+        if let Some(e) = self.table.get_mut(&chunk) {
+            if e.held == Perm::Write && e.data.is_some() {
+                e.dirty = true;
+                self.dirty.insert(chunk);
+                return;
+            }
+        }
+        tracing::error!(
+            chunk,
+            "the parent refused our only copy of acknowledged writes"
+        );
+        self.stats.lost_dirty += 1;
+        if self.unsynced.contains(&chunk) {
+            self.unsynced_lost.insert(chunk);
         }
     }
 

@@ -60,7 +60,8 @@ pub struct NodeStats {
     pub pushes_sent: u64,
     /// ERR_REPLYs sent.
     pub errors_sent: u64,
-    /// Dirty chunks dropped because the parent was lost (async writes).
+    /// Dirty chunks lost: dropped because the parent was lost, or given
+    /// up in a FLUSH the parent refused (async writes).
     pub lost_dirty: u64,
 }
 
@@ -80,9 +81,11 @@ pub(crate) enum Outstanding {
         child: ChildId,
         target: Perm,
     },
-    /// A fire-and-forget release or sync-daemon FLUSH; the reply is only logged.
+    /// A release, sync-daemon FLUSH, FORWARD or PUSH that nothing waits
+    /// for. `carried`: it held our dirty copy, so a refusal matters.
     Release {
         chunk: u64,
+        carried: bool,
     },
 }
 
@@ -1018,7 +1021,10 @@ impl Node {
         if let Some(e) = self.table.get_mut(&chunk) {
             e.set_child(child, Perm::Read);
         }
-        let xid = self.alloc_xid(Outstanding::Release { chunk });
+        let xid = self.alloc_xid(Outstanding::Release {
+            chunk,
+            carried: false,
+        });
         let mut m = Message::new(Opcode::Push, xid);
         m.params.volume_id = Some(self.cfg.child_volume_id);
         m.params.block_num = Some(chunk);

@@ -141,7 +141,10 @@ impl Node {
         if data.is_none() && keep >= held {
             return;
         }
-        let xid = self.alloc_xid(Outstanding::Release { chunk });
+        let xid = self.alloc_xid(Outstanding::Release {
+            chunk,
+            carried: data.is_some(),
+        });
         let mut m = Message::new(Opcode::IoRequest, xid);
         m.params.io_op = Some(if data.is_some() {
             IoOp::Flush
@@ -155,7 +158,10 @@ impl Node {
         self.send_parent(m);
         if forward {
             // Semi-sync duty: the data must stay in two places once we drop it.
-            let xid = self.alloc_xid(Outstanding::Release { chunk });
+            let xid = self.alloc_xid(Outstanding::Release {
+                chunk,
+                carried: false,
+            });
             let mut f = Message::new(Opcode::Forward, xid);
             f.params.volume_id = Some(volume_id);
             f.params.block_num = Some(chunk);

@@ -30,6 +30,8 @@ struct Mem {
     written: Arc<Mutex<Vec<u8>>>,
     durable: Arc<Mutex<Vec<u8>>>,
     syncs: Arc<Mutex<usize>>,
+    /// A failing disk: every write errors while set.
+    fail_writes: Arc<Mutex<bool>>,
 }
 impl Mem {
     fn new() -> Mem {
@@ -37,6 +39,7 @@ impl Mem {
             written: Arc::new(Mutex::new(vec![0; CHUNK * CHUNKS])),
             durable: Arc::new(Mutex::new(vec![0; CHUNK * CHUNKS])),
             syncs: Arc::new(Mutex::new(0)),
+            fail_writes: Arc::new(Mutex::new(false)),
         }
     }
     fn written_chunk(&self, chunk: u64) -> Vec<u8> {
@@ -58,6 +61,9 @@ impl Backing for Mem {
         Ok(())
     }
     fn write_chunk(&self, chunk: u64, data: &[u8]) -> std::io::Result<()> {
+        if *self.fail_writes.lock().unwrap() {
+            return Err(std::io::Error::other("injected write failure"));
+        }
         let off = chunk as usize * CHUNK;
         self.written.lock().unwrap()[off..off + CHUNK].copy_from_slice(data);
         Ok(())
@@ -448,4 +454,89 @@ fn root_lists_its_own_writes_until_the_origin_is_fdatasynced() {
     assert_eq!(t.origin.durable_chunk(7), vec![0x17; CHUNK]);
     // One fdatasync covers every chunk.
     assert!(t.nodes[A].unsynced_chunks().is_empty());
+}
+
+/// The messages since `mark`, heartbeats and their replies left out.
+fn since(t: &Tree, mark: usize) -> Vec<&str> {
+    t.log[mark..]
+        .iter()
+        .map(String::as_str)
+        .filter(|l| !l.contains("HEARTBEAT") && !l.contains("HB_TTL"))
+        .collect()
+}
+
+/// Run `i`'s timers at each time, delivering everything in between.
+fn tick(t: &mut Tree, i: usize, times: &[u64]) {
+    for &now in times {
+        t.nodes[i].handle_timeout(now);
+        t.drain(i);
+        t.deliver_all(now);
+    }
+}
+
+#[test]
+fn a_refused_sync_daemon_flush_keeping_write_leaves_the_chunk_dirty() {
+    let mut t = Tree::new(WriteMode::Sync);
+    // B writes for itself (async): it holds WRITE on chunk 5, dirty.
+    t.write(B, 1, 5, 0, &[0xB1; CHUNK], 10);
+    *t.origin.fail_writes.lock().unwrap() = true;
+    // First pass ages the chunk; a write before the second keeps it in use,
+    // so the second pass FLUSHes it keeping WRITE, and the root refuses.
+    tick(&mut t, B, &[10, 6_000]);
+    t.write(B, 2, 5, 0, &[0xB2; CHUNK], 7_000);
+    let mark = t.log.len();
+    tick(&mut t, B, &[12_000]);
+    let got = since(&t, mark);
+    assert_eq!(got.len(), 2, "{got:#?}");
+    assert!(
+        got[0].starts_with("B->A IO_REQUEST/FLUSH")
+            && got[0].contains("PERMISSIONS=WRITE_PERMS")
+            && got[0].contains("DATA="),
+        "{got:#?}"
+    );
+    assert!(
+        got[1].starts_with("A->B ERR_REPLY") && got[1].contains("IO_ERROR"),
+        "{got:#?}"
+    );
+    assert_eq!(t.nodes[B].dirty_chunks(), 1, "refused data is dirty again");
+    assert_eq!(t.nodes[B].stats().lost_dirty, 0);
+    // The disk recovers: a later pass sends it up again and it lands.
+    *t.origin.fail_writes.lock().unwrap() = false;
+    tick(&mut t, B, &[18_000, 24_000, 30_000]);
+    assert_eq!(t.nodes[B].dirty_chunks(), 0);
+    assert_eq!(t.origin.written_chunk(5), vec![0xB2; CHUNK]);
+}
+
+#[test]
+fn a_refused_release_of_the_only_copy_is_counted_and_fails_the_next_sync() {
+    let mut t = Tree::new(WriteMode::Sync);
+    t.write(B, 1, 6, 0, &[0xB3; CHUNK], 10);
+    *t.origin.fail_writes.lock().unwrap() = true;
+    // Unused since the first pass: the second gives WRITE up with the data,
+    // dropping B's copy, and the root refuses it.
+    let mark = t.log.len();
+    tick(&mut t, B, &[10, 6_000, 12_000]);
+    let got = since(&t, mark);
+    assert_eq!(got.len(), 2, "{got:#?}");
+    assert!(
+        got[0].starts_with("B->A IO_REQUEST/FLUSH")
+            && got[0].contains("PERMISSIONS=NO_PERMS")
+            && got[0].contains("DATA="),
+        "{got:#?}"
+    );
+    assert!(
+        got[1].starts_with("A->B ERR_REPLY") && got[1].contains("IO_ERROR"),
+        "{got:#?}"
+    );
+    assert_eq!(t.nodes[B].stats().lost_dirty, 1);
+    *t.origin.fail_writes.lock().unwrap() = false;
+    // The device FLUSH that covers the write says it was not kept, once.
+    assert_eq!(
+        t.run(B, 2, LocalOp::Sync { chunk: 6 }, 13_000),
+        Err(Status::IoError)
+    );
+    assert_eq!(
+        t.run(B, 3, LocalOp::Sync { chunk: 6 }, 14_000),
+        Ok(LocalReply::Done)
+    );
 }
