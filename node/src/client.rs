@@ -46,6 +46,7 @@ impl Node {
         if self.upstream != Upstream::Down {
             tracing::warn!("parent lost: dropping every chunk held from it");
         }
+        self.revoke_all();
         self.upstream = Upstream::Down;
         self.next_heartbeat = None;
         self.outstanding
@@ -102,6 +103,14 @@ impl Node {
     pub fn handle_parent(&mut self, m: Message, now: Millis) {
         if self.is_root() {
             return;
+        }
+        if let Some(chunk) = m.params.block_num {
+            self.revoke(chunk);
+        }
+        if let Some(Outstanding::Up { chunk, .. }) = self.outstanding.get(&m.header.xid) {
+            // A reply names its chunk only through the request it answers.
+            let chunk = *chunk;
+            self.revoke(chunk);
         }
         self.handle_parent_inner(m, now);
         self.arm_sync(now);

@@ -77,6 +77,11 @@ pub struct NodeConfig {
     /// Send CONNECT only when a child or local request needs the volume
     /// (a proxy, as in seed example 1), not as soon as the link is up.
     pub connect_lazily: bool,
+    /// Emit [`crate::Action::Publish`] and [`crate::Action::Revoke`] so the
+    /// driver can serve repeat local reads without the node (a ublk leaf's
+    /// cache hits). Off by default: a driver that does not serve them need
+    /// not see them.
+    pub publish_reads: bool,
 }
 
 impl NodeConfig {
@@ -93,6 +98,7 @@ impl NodeConfig {
             capacity_bytes: None,
             write_mode: WriteMode::Sync,
             connect_lazily: false,
+            publish_reads: false,
         }
     }
 }

@@ -25,6 +25,7 @@ mod local;
 mod node;
 mod server;
 mod timers;
+mod view;
 
 pub use config::{NodeConfig, Role, WriteMode};
 pub use entry::ChunkView;

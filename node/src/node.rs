@@ -37,6 +37,23 @@ pub enum Action {
         /// Chunk number.
         chunk: u64,
     },
+    /// With [`crate::NodeConfig::publish_reads`]: local reads of `chunk`
+    /// may be served from `data`, without the node, until `expiry` (node
+    /// time; `None`: no limit) or a [`Action::Revoke`] for it, which the
+    /// driver must apply before performing any later action.
+    Publish {
+        /// Chunk number.
+        chunk: u64,
+        /// Its contents.
+        data: Bytes,
+        /// When the grant behind it runs out.
+        expiry: Option<Millis>,
+    },
+    /// Stop serving `chunk` from its published copy.
+    Revoke {
+        /// Chunk number.
+        chunk: u64,
+    },
 }
 
 /// Counters, for `stats` and the simulation's checks.
@@ -147,6 +164,8 @@ pub struct Node {
     /// Unsynced chunks whose data may have been lost with a parent: the next
     /// `Sync` on each reports the loss instead of claiming durability.
     pub(crate) unsynced_lost: BTreeSet<u64>,
+    /// Chunks with a published copy (see `view.rs`).
+    pub(crate) published: BTreeSet<u64>,
     pub(crate) next_heartbeat: Option<Millis>,
     pub(crate) next_sync: Option<Millis>,
     pub(crate) stats: NodeStats,
@@ -207,6 +226,7 @@ impl Node {
             dirty: BTreeSet::new(),
             unsynced: BTreeSet::new(),
             unsynced_lost: BTreeSet::new(),
+            published: BTreeSet::new(),
             next_heartbeat: None,
             next_sync: None,
             stats: NodeStats::default(),
@@ -600,6 +620,7 @@ impl Node {
 
     /// Drop our copy and permission (answering the parent or giving back).
     pub(crate) fn drop_copy(&mut self, chunk: u64) {
+        self.revoke(chunk);
         if let Some(e) = self.table.get_mut(&chunk) {
             e.held = Perm::No;
             e.data = None;
@@ -702,6 +723,9 @@ impl Node {
 
     /// Handle the parent's INVALIDATE at the head; false if it must wait.
     fn answer_parent_invalidate(&mut self, chunk: u64, xid: u32, target: Perm) -> bool {
+        // Revoked when it arrived; again here, since nothing may read the
+        // old copy once the answer is out.
+        self.revoke(chunk);
         let Some(e) = self.table.get(&chunk) else {
             return true;
         };
@@ -825,7 +849,11 @@ impl Node {
                 if let Some(step) = self.wait_for_data(chunk, &from) {
                     return step;
                 }
-                let r = self.read_data(chunk).map(LocalReply::Data);
+                let r = self.read_data(chunk);
+                if let Ok(d) = &r {
+                    self.publish(chunk, d, now);
+                }
+                let r = r.map(LocalReply::Data);
                 if let Requester::Local(id) = from {
                     self.local_done(id, r);
                 }

@@ -12,6 +12,9 @@ use crate::{ChildId, Millis};
 impl Node {
     /// A message arrived from child `child`.
     pub fn handle_child(&mut self, child: ChildId, m: Message, now: Millis) {
+        if let Some(chunk) = m.params.block_num {
+            self.revoke(chunk);
+        }
         if let Some(c) = self.children.get_mut(&child) {
             c.last_heard = now;
         }

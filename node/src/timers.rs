@@ -125,6 +125,7 @@ impl Node {
     /// Send our copy up without waiting (sync daemon, eviction), keeping
     /// `keep`. A dirty copy goes as FLUSH, a clean one as LOCK.
     pub(crate) fn send_release(&mut self, chunk: u64, keep: Perm) {
+        self.revoke(chunk);
         let Some(volume_id) = self.parent_volume_id() else {
             return;
         };
@@ -229,6 +230,9 @@ impl Node {
             return;
         }
         let chunk = op.chunk();
+        if !matches!(op, LocalOp::Read { .. }) {
+            self.revoke(chunk);
+        }
         if chunk >= self.num_chunks() {
             self.local_done(id, Err(Status::OutOfRange));
             return;

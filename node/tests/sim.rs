@@ -176,6 +176,14 @@ struct Sim {
     loads: Vec<(u64, Option<Bytes>)>,
     /// This seed serves origin reads at once, on the root's thread.
     inline_loads: bool,
+    /// Each node's published copies (`Action::Publish`/`Revoke`): chunk →
+    /// (contents, expiry), as a ublk leaf's queue threads would see them.
+    views: Vec<HashMap<u64, (Bytes, Option<u64>)>>,
+    /// Leaves that publish reads, and serve some reads from the copies.
+    publishing: Vec<bool>,
+    /// Its own stream, so that seeds where no leaf publishes replay the
+    /// schedules they had before published reads existed.
+    vrng: Rng,
 }
 
 /// Something the scheduler can make happen next.
@@ -205,6 +213,10 @@ impl Sim {
             Some(2),
         ];
         let leaves = vec![5, 6, 7, 8];
+        let mut vrng = Rng::new(seed ^ 0x005e_ed0f_1ea5);
+        let publishing: Vec<bool> = (0..names.len())
+            .map(|i| leaves.contains(&i) && vrng.chance(50))
+            .collect();
         let origin = MemOrigin::new();
         let mut nodes = Vec::new();
         let mut modes = Vec::new();
@@ -223,6 +235,7 @@ impl Sim {
                 _ => WriteMode::Async,
             };
             cfg.connect_lazily = !leaves.contains(&i);
+            cfg.publish_reads = publishing[i];
             modes.push(cfg.write_mode);
             let mut n = if role == Role::Root {
                 Node::new_root(
@@ -261,6 +274,9 @@ impl Sim {
             modes,
             loads: Vec::new(),
             inline_loads,
+            views: vec![HashMap::new(); count],
+            publishing,
+            vrng,
         };
         for i in 1..count {
             sim.nodes[i].parent_up(sim.now);
@@ -298,6 +314,31 @@ impl Sim {
                 )),
                 Action::ResetParent => self.fail(format!("{} lost its parent", self.names[i])),
                 Action::LocalDone(id, r) => self.complete(i, id, r),
+                Action::Publish {
+                    chunk,
+                    data,
+                    expiry,
+                } => {
+                    if self.verbose {
+                        println!(
+                            "{:>5} {} publishes chunk {chunk} until {expiry:?}",
+                            self.step, self.names[i]
+                        );
+                    }
+                    if !self.publishing[i] {
+                        self.fail(format!(
+                            "{} published without being asked to",
+                            self.names[i]
+                        ));
+                    }
+                    self.views[i].insert(chunk, (data, expiry));
+                }
+                Action::Revoke { chunk } => {
+                    if self.verbose {
+                        println!("{:>5} {} revokes chunk {chunk}", self.step, self.names[i]);
+                    }
+                    self.views[i].remove(&chunk);
+                }
                 Action::OriginRead { chunk } => {
                     if self.verbose {
                         println!("{:>5} {} origin read {chunk}", self.step, self.names[i]);
@@ -548,6 +589,10 @@ impl Sim {
         } else {
             let chunk = self.rng.below(LOCK_CHUNK);
             if self.rng.chance(50) {
+                if self.publishing[leaf] && self.vrng.chance(60) && self.read_published(leaf, chunk)
+                {
+                    return;
+                }
                 (chunk, OpKind::Read)
             } else {
                 let tag = self.next_tag;
@@ -604,6 +649,38 @@ impl Sim {
         }
         self.nodes[leaf].local(LocalId(idx as u64), lop, self.now);
         self.drain(leaf);
+    }
+
+    /// Serve a read of `chunk` at `leaf` from its published copy, as a ublk
+    /// queue thread does, if there is one still within its expiry. The read
+    /// starts and ends in this step, and the linearizability check covers
+    /// it like any other.
+    fn read_published(&mut self, leaf: usize, chunk: u64) -> bool {
+        let Some((d, expiry)) = self.views[leaf].get(&chunk) else {
+            return false;
+        };
+        if expiry.is_some_and(|x| x <= self.now) {
+            return false;
+        }
+        let a = u64::from_le_bytes(d[0..8].try_into().unwrap());
+        let b = u64::from_le_bytes(d[8..16].try_into().unwrap());
+        let idx = self.ops.len();
+        if self.verbose {
+            println!(
+                "{:>5} {} read {idx} of chunk {chunk} from its published copy: [{a}, {b}]",
+                self.step, self.names[leaf]
+            );
+        }
+        self.ops.push(Op {
+            leaf,
+            chunk,
+            kind: OpKind::Read,
+            start: self.step,
+            end: Some(self.step),
+            read: Some([a, b]),
+            failed: false,
+        });
+        true
     }
 
     /// Deliver the next message on link `i` (up or down).

@@ -46,6 +46,7 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
 use crate::trace::{Direction, PeerName, Tracer};
+use crate::view::ReadView;
 
 /// Events queued to the node task before readers wait for it.
 const EVENT_QUEUE: usize = 1024;
@@ -281,6 +282,9 @@ pub struct DriverOptions {
     pub parent: Option<String>,
     /// The protocol trace, if any.
     pub trace: Option<Tracer>,
+    /// Where to keep the node's published reads (a node with
+    /// `publish_reads`), for readers outside the driver.
+    pub view: Option<Arc<ReadView>>,
 }
 
 /// A running driver.
@@ -374,6 +378,7 @@ pub fn start(node: Node, opts: DriverOptions) -> Peer {
         acceptor,
         dialer,
         reads,
+        view: opts.view,
     };
     let task = tokio::spawn(task.run(shutdown_rx));
     Peer {
@@ -425,6 +430,7 @@ struct NodeTask {
     acceptor: Option<JoinHandle<()>>,
     dialer: Option<JoinHandle<()>>,
     reads: OriginReads,
+    view: Option<Arc<ReadView>>,
 }
 
 impl NodeTask {
@@ -500,6 +506,10 @@ impl NodeTask {
                     break;
                 }
             }
+        }
+        // Nothing revokes once the node stops: readers must ask (and fail).
+        if let Some(v) = &self.view {
+            v.clear();
         }
         self.stop().await;
     }
@@ -621,6 +631,24 @@ impl NodeTask {
                     if let Some((gen, link)) = self.parent.take() {
                         drop(link.close());
                         let _ = self.reset_tx.send(gen);
+                    }
+                }
+                Action::Publish {
+                    chunk,
+                    data,
+                    expiry,
+                } => {
+                    if let Some(v) = &self.view {
+                        // Past what Instant can hold is as good as no limit.
+                        let until = expiry.and_then(|ms| {
+                            self.start.into_std().checked_add(Duration::from_millis(ms))
+                        });
+                        v.publish(chunk, data, until);
+                    }
+                }
+                Action::Revoke { chunk } => {
+                    if let Some(v) = &self.view {
+                        v.revoke(chunk);
                     }
                 }
                 Action::OriginRead { chunk } => {

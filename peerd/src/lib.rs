@@ -10,7 +10,9 @@ pub mod errline;
 pub mod lines;
 pub mod setup;
 pub mod trace;
+pub mod view;
 
 pub use config::{PeerConfig, PeerRole};
 pub use driver::{DriverError, NodeHandle, Peer, PeerStats, Readiness, RequestError};
-pub use setup::{start_peer, SetupError};
+pub use setup::{start_peer, start_peer_with_view, SetupError};
+pub use view::ReadView;

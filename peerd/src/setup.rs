@@ -3,6 +3,7 @@
 
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use canopy_node::Node;
 use canopy_origin::{OriginError, OriginStore};
@@ -11,6 +12,7 @@ use tokio::net::TcpListener;
 use crate::config::{PeerConfig, PeerRole};
 use crate::driver::{self, DriverOptions, Peer};
 use crate::trace::{TraceTarget, Tracer};
+use crate::view::ReadView;
 
 /// Why a peer could not start.
 #[derive(Debug, thiserror::Error)]
@@ -140,8 +142,23 @@ pub fn trace_target(cfg: &PeerConfig) -> Option<TraceTarget> {
 
 /// Start a peer as `cfg` describes, on the current tokio runtime.
 pub async fn start_peer(cfg: &PeerConfig) -> Result<Peer, SetupError> {
+    start(cfg, None).await
+}
+
+/// Start a peer whose node publishes its local reads into `view`, so that
+/// threads outside tokio (a ublk leaf's queues) serve repeat reads without
+/// the node task.
+pub async fn start_peer_with_view(
+    cfg: &PeerConfig,
+    view: Arc<ReadView>,
+) -> Result<Peer, SetupError> {
+    start(cfg, Some(view)).await
+}
+
+async fn start(cfg: &PeerConfig, view: Option<Arc<ReadView>>) -> Result<Peer, SetupError> {
     let name = cfg.name();
-    let node = build_node(cfg)?;
+    let mut node = build_node(cfg)?;
+    node.set_publish_reads(view.is_some());
     let listener = match cfg.listen.as_deref() {
         Some(addr) => Some(
             TcpListener::bind(addr)
@@ -167,6 +184,7 @@ pub async fn start_peer(cfg: &PeerConfig) -> Result<Peer, SetupError> {
             listener,
             parent: cfg.parent.clone(),
             trace,
+            view,
         },
     );
     if let Some(addr) = peer.local_addr() {

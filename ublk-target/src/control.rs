@@ -111,6 +111,9 @@ pub enum Served {
     Leaf {
         /// The node's counters and state.
         peer: Box<PeerStats>,
+        /// Reads served on the queue threads from the node's published
+        /// copies, without the node.
+        queue_hits: u64,
     },
 }
 

@@ -9,9 +9,10 @@
 //! not wait with it (see `device`).
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
-use canopy_peerd::{NodeHandle, RequestError};
+use canopy_peerd::{NodeHandle, ReadView, RequestError};
 use canopy_proto::Status;
 use tokio::task::JoinSet;
 
@@ -39,21 +40,59 @@ impl Completion {
 /// A volume served by a node of the tree.
 pub struct LeafVolume {
     handle: NodeHandle,
+    view: Option<Arc<ReadView>>,
     size: u64,
     chunk_size: usize,
     errors: AtomicU64,
+    hits: AtomicU64,
 }
 
 impl LeafVolume {
     /// Serve the volume through `handle`, whose node is connected and
-    /// reported this geometry.
-    pub fn new(handle: NodeHandle, size: u64, chunk_size: usize) -> Self {
+    /// reported this geometry. With `view` (the node's published reads),
+    /// [`LeafVolume::try_read`] serves repeat reads without the node.
+    pub fn new(
+        handle: NodeHandle,
+        view: Option<Arc<ReadView>>,
+        size: u64,
+        chunk_size: usize,
+    ) -> Self {
         LeafVolume {
             handle,
+            view,
             size,
             chunk_size,
             errors: AtomicU64::new(0),
+            hits: AtomicU64::new(0),
         }
+    }
+
+    /// Serve a read on the caller's thread if every chunk it touches is
+    /// published and fresh: the cache-hit path of a queue thread, with no
+    /// task, no allocation and no wait on the node. False when any piece
+    /// misses; `buf` then holds partial bytes the full read overwrites.
+    pub fn try_read(&self, offset: u64, len: usize, buf: &mut [u8]) -> bool {
+        let Some(view) = &self.view else {
+            return false;
+        };
+        let in_range = offset
+            .checked_add(len as u64)
+            .is_some_and(|end| end <= self.size);
+        let Some(buf) = buf.get_mut(..len).filter(|_| in_range && len > 0) else {
+            return false;
+        };
+        for p in pieces(offset, len, self.chunk_size) {
+            if !view.read(p.chunk, p.at, &mut buf[p.range]) {
+                return false;
+            }
+        }
+        self.hits.fetch_add(1, Ordering::Relaxed);
+        true
+    }
+
+    /// Reads served by [`LeafVolume::try_read`] so far.
+    pub fn hits(&self) -> u64 {
+        self.hits.load(Ordering::Relaxed)
     }
 
     /// The node, for statistics and a clean stop.

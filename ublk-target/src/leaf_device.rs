@@ -1,9 +1,12 @@
 //! The ublk daemon for a leaf of a canopy tree: `/dev/ublkbN` served by a
 //! node that this process runs on a tokio runtime, connected to a parent.
 //!
-//! Threads: libublk's queue threads take requests from the kernel; each
-//! request is handed to the runtime as a task ([`LeafVolume::handle`]), so a
-//! queue never blocks on the network and keeps its whole depth in flight.
+//! Threads: libublk's queue threads take requests from the kernel. A read
+//! whose chunks the node has published (it served them before and nothing
+//! has changed them since) is served on the queue thread itself
+//! ([`LeafVolume::try_read`]). Any other request is handed to the runtime
+//! as a task ([`LeafVolume::handle`]), so a queue never blocks on the
+//! network and keeps its whole depth in flight.
 //! A finished task puts its completion on the queue's channel and bumps the
 //! queue's eventfd; the queue keeps a read of that eventfd in its own
 //! io_uring, so the wakeup arrives as one more completion among the
@@ -18,7 +21,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
-use canopy_peerd::{start_peer, PeerConfig, PeerStats};
+use canopy_peerd::{start_peer_with_view, PeerConfig, PeerStats, ReadView};
 use libublk::io::{BufDescList, UblkDev, UblkIOCtx, UblkQueue};
 use libublk::{BufDesc, UblkIORes};
 use nix::sys::eventfd::{EfdFlags, EventFd};
@@ -73,8 +76,9 @@ pub fn serve_leaf(opts: LeafOptions) -> Result<()> {
         .context("starting the network runtime")?;
     let cfg = opts.peer.clone();
     let parent = cfg.parent.clone().unwrap_or_default();
+    let view = Arc::new(ReadView::new());
     let (peer, stats) = rt.block_on(async {
-        let peer = start_peer(&cfg).await?;
+        let peer = start_peer_with_view(&cfg, view.clone()).await?;
         tracing::info!(%parent, volume = %cfg.volume, "connecting to the parent");
         peer.ready()
             .await
@@ -88,7 +92,7 @@ pub fn serve_leaf(opts: LeafOptions) -> Result<()> {
         bail!("the parent announced an unusable volume: {size} bytes in chunks of {chunk_size}");
     }
     tracing::info!(size, chunk_size, "joined the volume");
-    let leaf = Arc::new(LeafVolume::new(peer.handle(), size, chunk_size));
+    let leaf = Arc::new(LeafVolume::new(peer.handle(), Some(view), size, chunk_size));
 
     // No USER_RECOVERY: a restarted leaf is a new node of the tree (its
     // grants died with it), so there is nothing for `recover` to re-attach.
@@ -154,6 +158,7 @@ impl Target for LeafTarget {
             io_errors: self.leaf.errors(),
             served: Served::Leaf {
                 peer: Box::new(peer),
+                queue_hits: self.leaf.hits(),
             },
         }
     }
@@ -220,6 +225,25 @@ fn serve_queue(qid: u16, dev: &UblkDev, leaf: &Arc<LeafVolume>, rt: &tokio::runt
         let op = Op::from_ublk(iod.op_flags);
         let offset = iod.start_sector << 9;
         let len = (iod.nr_sectors as usize) << 9;
+        if op == Some(Op::Read) {
+            if let Some(buf) = handler_bufs.get(tag as usize) {
+                // SAFETY: the tag owns its buffer until we commit it, and
+                // the kernel does not touch it before that.
+                let dst = unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr(), buf.len()) };
+                if leaf.try_read(offset, len, dst) {
+                    // A hit: done on this thread, no task, no node.
+                    let res = i32::try_from(len).unwrap_or(i32::MAX);
+                    if let Err(e) = q.complete_io_cmd_unified(
+                        tag,
+                        BufDesc::Slice(buf.as_slice()),
+                        Ok(UblkIORes::Result(res)),
+                    ) {
+                        tracing::error!(qid, tag, error = %e, "committing a request failed");
+                    }
+                    return;
+                }
+            }
+        }
         // A write's bytes are copied out now: the buffer belongs to the tag,
         // and the task may outlive this call.
         let data = match (op, handler_bufs.get(tag as usize)) {

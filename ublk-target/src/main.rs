@@ -489,8 +489,8 @@ fn print_report(r: &Report, json: bool) -> Result<()> {
             cache,
             origin,
         } => (mode, cache, origin),
-        Served::Leaf { peer } => {
-            print_leaf(r, peer);
+        Served::Leaf { peer, queue_hits } => {
+            print_leaf(r, peer, *queue_hits);
             return Ok(());
         }
     };
@@ -551,7 +551,7 @@ fn print_report(r: &Report, json: bool) -> Result<()> {
     Ok(())
 }
 
-fn print_leaf(r: &Report, p: &canopy_peerd::PeerStats) {
+fn print_leaf(r: &Report, p: &canopy_peerd::PeerStats, queue_hits: u64) {
     let n = &p.node;
     println!(
         "{}  leaf {}  size {}  chunk {}  io errors {}",
@@ -568,8 +568,8 @@ fn print_leaf(r: &Report, p: &canopy_peerd::PeerStats) {
         p.children
     );
     println!(
-        "local requests {}  sent to parent {}  invalidations received {}  evictions {}  sync flushes {}  lost dirty {}",
-        n.local_done, n.parent_requests, n.invalidates_received, n.evictions, n.sync_flushes, n.lost_dirty
+        "reads served on the queues {}  local requests {}  sent to parent {}  invalidations received {}  evictions {}  sync flushes {}  lost dirty {}",
+        queue_hits, n.local_done, n.parent_requests, n.invalidates_received, n.evictions, n.sync_flushes, n.lost_dirty
     );
 }
 
