@@ -5,173 +5,41 @@
 //! TTL arithmetic of the seed (1200 s reduced to 1198 s by a 2 s round trip,
 //! to 1150 s 50 s later) is reproduced exactly.
 
-use std::collections::VecDeque;
-use std::sync::{Arc, Mutex};
+mod common;
 
 use bytes::Bytes;
 use canopy_cache::Backing;
-use canopy_node::{Action, LocalId, LocalOp, LocalReply, Node, NodeConfig, Role, WriteMode};
-use canopy_proto::{Message, Perm};
+use canopy_node::{LocalOp, LocalReply, NodeConfig, WriteMode};
+use canopy_proto::Perm;
+
+use common::{Mem, Tree};
 
 const CHUNK: usize = 4096;
-const A: usize = 0;
-const B: usize = 1;
-const C: usize = 2;
-const D: usize = 3;
-const E: usize = 4;
-const F: usize = 5;
-const NAMES: [&str; 6] = ["A", "B", "C", "D", "E", "F"];
-const PARENT: [Option<usize>; 6] = [None, Some(A), Some(A), Some(B), Some(C), Some(C)];
+common::topology!(A, B: A, C: A, D: B, E: C, F: C);
 
-#[derive(Clone)]
-struct Mem(Arc<Mutex<Vec<u8>>>);
-impl Backing for Mem {
-    fn read_chunk(&self, chunk: u64, buf: &mut [u8]) -> std::io::Result<()> {
-        let off = chunk as usize * CHUNK;
-        buf.copy_from_slice(&self.0.lock().unwrap()[off..off + CHUNK]);
-        Ok(())
-    }
-    fn write_chunk(&self, chunk: u64, data: &[u8]) -> std::io::Result<()> {
-        let off = chunk as usize * CHUNK;
-        self.0.lock().unwrap()[off..off + CHUNK].copy_from_slice(data);
-        Ok(())
-    }
-    fn sync(&self) -> std::io::Result<()> {
-        Ok(())
-    }
-    fn zero_chunk(&self, chunk: u64) -> std::io::Result<()> {
-        self.write_chunk(chunk, &[0; CHUNK])
-    }
-}
-
-struct Tree {
-    nodes: Vec<Node>,
-    /// In flight: (from, to, message).
-    wire: VecDeque<(usize, usize, Message)>,
-    /// Every message delivered, as "FROM->TO <message>".
-    log: Vec<String>,
-    done: Vec<(usize, LocalId, Result<LocalReply, canopy_proto::Status>)>,
-    origin: Mem,
-    /// (sender, xid) of heartbeats, to leave them and their replies out of the log.
-    heartbeats: Vec<(usize, u32)>,
-    /// The latest time given to the tree, for the origin reads `drain` serves.
-    clock: u64,
-}
-
-impl Tree {
-    fn new() -> Tree {
-        let origin = Mem(Arc::new(Mutex::new(vec![0; CHUNK * 64])));
-        let mut nodes = Vec::new();
-        for (i, name) in NAMES.iter().enumerate() {
-            // Example 1: A gives 32002, C remaps to 26924852; example 4: B
-            // passes A's id on unchanged.
-            let id = match i {
-                A | B => 32002,
-                C => 26924852,
-                _ => 7000 + i as u32,
-            };
-            let role = if i == A { Role::Root } else { Role::Child };
-            let mut cfg = NodeConfig::new(role, "volume_X", id);
-            cfg.connect_lazily = matches!(i, B | C);
-            cfg.write_mode = if i == D {
-                WriteMode::Async
-            } else {
-                WriteMode::Sync
-            };
-            let _ = name;
-            nodes.push(if i == A {
-                Node::new_root(
-                    cfg,
-                    Some(Box::new(origin.clone())),
-                    CHUNK as u32,
-                    (CHUNK * 64) as u64,
-                )
-            } else {
-                Node::new_child(cfg)
-            });
-        }
-        Tree {
-            nodes,
-            wire: VecDeque::new(),
-            log: Vec::new(),
-            done: Vec::new(),
-            origin,
-            heartbeats: Vec::new(),
-            clock: 0,
-        }
-    }
-
-    fn drain(&mut self, i: usize) {
-        while let Some(a) = self.nodes[i].poll_action() {
-            match a {
-                Action::ToParent(m) => self.wire.push_back((i, PARENT[i].unwrap(), m)),
-                Action::ToChild(c, m) => self.wire.push_back((i, c as usize, m)),
-                Action::LocalDone(id, r) => self.done.push((i, id, r)),
-                // The root's origin reads are served at once, on this
-                // thread, so message order is as with a synchronous origin.
-                Action::OriginRead { chunk } => self.nodes[i].serve_origin_read(chunk, self.clock),
-                other => panic!("unexpected {other:?}"),
-            }
-        }
-    }
-
-    /// Deliver the oldest message in flight at time `now`.
-    fn deliver_one(&mut self, now: u64) {
-        self.clock = now;
-        let (from, to, m) = self.wire.pop_front().expect("a message in flight");
-        // Heartbeats are not part of the seed's sequences: keep them out of
-        // the log, and their replies too.
-        if m.header.opcode == canopy_proto::Opcode::Heartbeat {
-            self.heartbeats.push((from, m.header.xid));
-        } else if !self.heartbeats.contains(&(to, m.header.xid)) {
-            self.log.push(format!("{}->{} {m}", NAMES[from], NAMES[to]));
-        }
-        if PARENT[from] == Some(to) {
-            self.nodes[to].handle_child(from as u64, m, now);
+/// The Fig. 7 tree over a zeroed 64-chunk origin, no link up yet.
+/// Heartbeats are not part of the seed's sequences: they and their replies
+/// stay out of the log.
+fn tree() -> Tree {
+    let origin = Mem::new(CHUNK, 64);
+    Tree::new(NAMES, PARENT, origin, |i, role| {
+        // Example 1: A gives 32002, C remaps to 26924852; example 4: B
+        // passes A's id on unchanged.
+        let id = match i {
+            A | B => 32002,
+            C => 26924852,
+            _ => 7000 + i as u32,
+        };
+        let mut cfg = NodeConfig::new(role, "volume_X", id);
+        cfg.connect_lazily = matches!(i, B | C);
+        cfg.write_mode = if i == D {
+            WriteMode::Async
         } else {
-            self.nodes[to].handle_parent(m, now);
-        }
-        self.drain(to);
-    }
-
-    fn deliver_all(&mut self, now: u64) {
-        for _ in 0..1000 {
-            if self.wire.is_empty() {
-                return;
-            }
-            self.deliver_one(now);
-        }
-        panic!("messages never stopped");
-    }
-
-    fn local(&mut self, i: usize, id: u64, op: LocalOp, now: u64) {
-        self.clock = now;
-        self.nodes[i].local(LocalId(id), op, now);
-        self.drain(i);
-    }
-
-    fn link_up(&mut self, i: usize, now: u64) {
-        self.clock = now;
-        self.nodes[i].parent_up(now);
-        self.drain(i);
-    }
-
-    /// The log since `from`, checked against `expected` (each line: the
-    /// hop, then substrings the message must contain).
-    fn expect(&self, from: usize, expected: &[(&str, &[&str])]) {
-        let got = &self.log[from..];
-        let show = got.join("\n");
-        assert_eq!(got.len(), expected.len(), "message count differs:\n{show}");
-        for (line, (hop, parts)) in got.iter().zip(expected) {
-            assert!(
-                line.starts_with(&format!("{hop} ")),
-                "expected {hop}, got {line}\nall:\n{show}"
-            );
-            for p in *parts {
-                assert!(line.contains(p), "{line} lacks {p}\nall:\n{show}");
-            }
-        }
-    }
+            WriteMode::Sync
+        };
+        cfg
+    })
+    .hide_heartbeats()
 }
 
 fn chunk_of(byte: u8) -> Bytes {
@@ -180,7 +48,7 @@ fn chunk_of(byte: u8) -> Bytes {
 
 #[test]
 fn seed_examples_one_to_four() {
-    let mut t = Tree::new();
+    let mut t = tree();
     // Proxies' links are up from the start (they connect upward only when a
     // child needs it); each leaf's link comes up when its example starts.
     for i in [B, C, E] {
@@ -357,7 +225,7 @@ fn seed_examples_one_to_four() {
     );
     assert_eq!(t.done.pop().map(|d| d.2), Some(Ok(LocalReply::Done)));
     assert_eq!(
-        t.origin.0.lock().unwrap()[7 * CHUNK],
+        t.origin.written_chunk(7)[0],
         0xB3,
         "a sync write is at the root when acknowledged"
     );
@@ -391,7 +259,7 @@ fn seed_examples_one_to_four() {
         "async write acknowledged locally"
     );
     assert_eq!(
-        t.origin.0.lock().unwrap()[7 * CHUNK],
+        t.origin.written_chunk(7)[0],
         0xB3,
         "an async write stays at the writer"
     );
@@ -399,11 +267,7 @@ fn seed_examples_one_to_four() {
     // the next pass and sends it at the one after, giving it up since D has
     // not used it meanwhile.
     let before = t.log.len();
-    for now in [T + 5000, T + 10_000, T + 20_000] {
-        t.nodes[D].handle_timeout(now);
-        t.drain(D);
-        t.deliver_all(now);
-    }
+    t.tick(D, &[T + 5000, T + 10_000, T + 20_000]);
     let sync_msgs = t.log[before..].join("\n");
     t.expect(
         mark,
@@ -467,7 +331,7 @@ fn seed_examples_one_to_four() {
     );
     assert!(!sync_msgs.is_empty());
     assert_eq!(
-        t.origin.0.lock().unwrap()[7 * CHUNK],
+        t.origin.written_chunk(7)[0],
         0xD4,
         "the flushed write reached the root"
     );

@@ -4,46 +4,29 @@
 //! read fails only the requests waiting for it, and a read overtaken by a
 //! write is never served.
 
-use std::sync::{Arc, Mutex};
+mod common;
 
 use bytes::Bytes;
 use canopy_cache::Backing;
 use canopy_node::{Action, Node, NodeConfig, Role};
 use canopy_proto::{IoOp, Message, Opcode, Perm, Status};
 
+use common::Mem;
+
 const CHUNK: usize = 64;
 const CHUNKS: usize = 8;
 const VOL: u32 = 77;
 
-#[derive(Clone)]
-struct Mem(Arc<Mutex<Vec<u8>>>);
-impl Backing for Mem {
-    fn read_chunk(&self, chunk: u64, buf: &mut [u8]) -> std::io::Result<()> {
-        let off = chunk as usize * CHUNK;
-        buf.copy_from_slice(&self.0.lock().unwrap()[off..off + CHUNK]);
-        Ok(())
-    }
-    fn write_chunk(&self, chunk: u64, data: &[u8]) -> std::io::Result<()> {
-        let off = chunk as usize * CHUNK;
-        self.0.lock().unwrap()[off..off + CHUNK].copy_from_slice(data);
-        Ok(())
-    }
-    fn sync(&self) -> std::io::Result<()> {
-        Ok(())
-    }
-    fn zero_chunk(&self, chunk: u64) -> std::io::Result<()> {
-        self.write_chunk(chunk, &[0; CHUNK])
-    }
-}
-
 /// A root whose origin holds byte `chunk + 1` throughout each chunk, with
-/// children 1..=3 connected.
+/// children 1..=3 connected. A lone node, not a `common::Tree`: the tree
+/// serves origin reads as they are asked for, and these tests hold the
+/// `Action::OriginRead`s back to complete them in an order of their own.
 fn root(push_ahead: u32) -> (Node, Mem) {
     let mut bytes = vec![0; CHUNK * CHUNKS];
     for (i, b) in bytes.iter_mut().enumerate() {
         *b = (i / CHUNK) as u8 + 1;
     }
-    let origin = Mem(Arc::new(Mutex::new(bytes)));
+    let origin = Mem::with_contents(CHUNK, bytes);
     let cfg = NodeConfig::new(Role::Root, "vol", VOL);
     let mut n = Node::new_root(
         cfg,
