@@ -42,7 +42,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, watch, Notify};
-use tokio::task::JoinHandle;
+use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 
 use crate::trace::{Direction, PeerName, Tracer};
@@ -244,19 +244,12 @@ impl NodeHandle {
             .await
             .map_err(|_| RequestError::Stopped)?;
         let chunks = rx.await.map_err(|_| RequestError::Stopped)?;
-        let mut syncs = tokio::task::JoinSet::new();
+        let mut syncs = JoinSet::new();
         for chunk in chunks {
             let h = self.clone();
             syncs.spawn(async move { h.sync(chunk).await });
         }
-        let mut result = Ok(());
-        while let Some(r) = syncs.join_next().await {
-            let r = r.map_err(|_| RequestError::Stopped).and_then(|r| r);
-            if result.is_ok() {
-                result = r;
-            }
-        }
-        result
+        join_all(syncs).await
     }
 
     /// The node's counters and state.
@@ -268,6 +261,20 @@ impl NodeHandle {
             .map_err(|_| RequestError::Stopped)?;
         rx.await.map_err(|_| RequestError::Stopped)
     }
+}
+
+/// Wait for every request in `tasks` and return the first failure, if any.
+/// Every request runs to its end even after one failed, so none is left
+/// half-done behind the error the caller reports.
+pub async fn join_all(mut tasks: JoinSet<Result<(), RequestError>>) -> Result<(), RequestError> {
+    let mut result = Ok(());
+    while let Some(joined) = tasks.join_next().await {
+        let r = joined.map_err(|_| RequestError::Stopped).and_then(|r| r);
+        if result.is_ok() {
+            result = r;
+        }
+    }
+    result
 }
 
 /// What the driver is given besides the node.

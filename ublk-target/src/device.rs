@@ -14,6 +14,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use canopy_cache::CacheStack;
 use libublk::ctrl::{UblkCtrl, UblkCtrlBuilder};
+use libublk::helpers::IoBuf;
 use libublk::io::{BufDescList, UblkDev, UblkIOCtx, UblkQueue};
 use libublk::{BufDesc, UblkFlags, UblkIORes};
 use nix::sys::signal::{SigSet, Signal};
@@ -284,24 +285,44 @@ fn serve_queue(qid: u16, dev: &UblkDev, volume: &Arc<Volume>) {
         // bytes until we commit the result below.
         let data = unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr(), buf.len()) };
         let res = volume.handle(op, offset, len, data);
-        if let Err(e) = q.complete_io_cmd_unified(
-            tag,
-            BufDesc::Slice(buf.as_slice()),
-            Ok(UblkIORes::Result(res)),
-        ) {
-            tracing::error!(qid, tag, error = %e, "committing a request failed");
-        }
+        commit(q, qid, tag, buf, res);
     };
-    let queue = match UblkQueue::new(qid, dev)
-        .and_then(|q| q.submit_fetch_commands_unified(BufDescList::Slices(Some(&bufs))))
-    {
-        Ok(q) => q,
-        Err(e) => {
-            tracing::error!(qid, error = %e, "setting up the queue failed");
-            return;
-        }
+    let Some(queue) = open_queue(qid, dev, &bufs) else {
+        return;
     };
     queue.wait_and_handle_io(handler);
+}
+
+/// Set up queue `qid` with one buffer per tag and fetch its first
+/// requests; `None` (logged) if the kernel refused.
+// `&Vec`, not a slice: libublk's BufDescList::Slices takes a `&Vec`.
+#[allow(clippy::ptr_arg)]
+pub(crate) fn open_queue<'a>(
+    qid: u16,
+    dev: &'a UblkDev,
+    bufs: &Vec<IoBuf<u8>>,
+) -> Option<UblkQueue<'a>> {
+    match UblkQueue::new(qid, dev)
+        .and_then(|q| q.submit_fetch_commands_unified(BufDescList::Slices(Some(bufs))))
+    {
+        Ok(q) => Some(q),
+        Err(e) => {
+            tracing::error!(qid, error = %e, "setting up the queue failed");
+            None
+        }
+    }
+}
+
+/// Complete request `tag` with `res` (bytes done or a negative errno); its
+/// data, for a read, is already in `buf`.
+pub(crate) fn commit(q: &UblkQueue, qid: u16, tag: u16, buf: &IoBuf<u8>, res: i32) {
+    if let Err(e) = q.complete_io_cmd_unified(
+        tag,
+        BufDesc::Slice(buf.as_slice()),
+        Ok(UblkIORes::Result(res)),
+    ) {
+        tracing::error!(qid, tag, error = %e, "committing a request failed");
+    }
 }
 
 /// Read the spec a canopy daemon stored for device `id` (for `recover`),

@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
+use canopy_peerd::driver::join_all;
 use canopy_peerd::{NodeHandle, ReadView, RequestError};
 use canopy_proto::Status;
 use tokio::task::JoinSet;
@@ -213,15 +214,6 @@ impl LeafVolume {
             let at = u32::try_from(p.at).unwrap_or(u32::MAX);
             tasks.spawn(async move { h.write(p.chunk, at, data, fua).await });
         }
-        let mut result = Ok(());
-        while let Some(joined) = tasks.join_next().await {
-            // Every piece runs to its end even if one failed, so no write is
-            // left half-sent behind the error the kernel sees.
-            let r = joined.map_err(|_| RequestError::Stopped).and_then(|r| r);
-            if result.is_ok() {
-                result = r;
-            }
-        }
-        result
+        join_all(tasks).await
     }
 }

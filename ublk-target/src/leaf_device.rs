@@ -22,14 +22,15 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
 use canopy_peerd::{start_peer_with_view, PeerConfig, PeerStats, ReadView};
-use libublk::io::{BufDescList, UblkDev, UblkIOCtx, UblkQueue};
-use libublk::{BufDesc, UblkIORes};
+use libublk::helpers::IoBuf;
+use libublk::io::{UblkDev, UblkIOCtx, UblkQueue};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 use serde::{Deserialize, Serialize};
 
 use crate::control::{CacheChange, Report, Served, Target};
 use crate::device::{
-    announce, block_stop_signals, build_ctrl, preflight, start_controls, target_init,
+    announce, block_stop_signals, build_ctrl, commit, open_queue, preflight, start_controls,
+    target_init,
 };
 use crate::leaf::{Completion, LeafVolume};
 use crate::volume::Op;
@@ -187,14 +188,8 @@ fn serve_queue(qid: u16, dev: &UblkDev, leaf: &Arc<LeafVolume>, rt: &tokio::runt
     let counter_ptr: *mut u64 = Box::leak(Box::new(0u64));
     let wake_fd = wake.as_raw_fd();
 
-    let queue = match UblkQueue::new(qid, dev)
-        .and_then(|q| q.submit_fetch_commands_unified(BufDescList::Slices(Some(&bufs))))
-    {
-        Ok(q) => q,
-        Err(e) => {
-            tracing::error!(qid, error = %e, "setting up the queue failed");
-            return;
-        }
+    let Some(queue) = open_queue(qid, dev, &bufs) else {
+        return;
     };
     if let Err(e) = arm_wake(&queue, wake_fd, counter_ptr) {
         tracing::error!(qid, error = %e, "cannot watch the queue's eventfd");
@@ -209,7 +204,7 @@ fn serve_queue(qid: u16, dev: &UblkDev, leaf: &Arc<LeafVolume>, rt: &tokio::runt
                 return;
             }
             while let Ok((t, c)) = done_rx.try_recv() {
-                commit(q, qid, t, c, &handler_bufs);
+                complete(q, qid, t, c, &handler_bufs);
             }
             // Re-arm for the next completions, unless the queue is going
             // away (a pending read would keep nothing alive, but a new one
@@ -232,14 +227,7 @@ fn serve_queue(qid: u16, dev: &UblkDev, leaf: &Arc<LeafVolume>, rt: &tokio::runt
                 let dst = unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr(), buf.len()) };
                 if leaf.try_read(offset, len, dst) {
                     // A hit: done on this thread, no task, no node.
-                    let res = i32::try_from(len).unwrap_or(i32::MAX);
-                    if let Err(e) = q.complete_io_cmd_unified(
-                        tag,
-                        BufDesc::Slice(buf.as_slice()),
-                        Ok(UblkIORes::Result(res)),
-                    ) {
-                        tracing::error!(qid, tag, error = %e, "committing a request failed");
-                    }
+                    commit(q, qid, tag, buf, i32::try_from(len).unwrap_or(i32::MAX));
                     return;
                 }
             }
@@ -279,7 +267,7 @@ fn arm_wake(q: &UblkQueue, fd: i32, counter: *mut u64) -> Result<(), libublk::Ub
 }
 
 /// Copy a read's bytes into the tag's buffer and complete the request.
-fn commit(q: &UblkQueue, qid: u16, tag: u16, c: Completion, bufs: &[libublk::helpers::IoBuf<u8>]) {
+fn complete(q: &UblkQueue, qid: u16, tag: u16, c: Completion, bufs: &[IoBuf<u8>]) {
     let Some(buf) = bufs.get(tag as usize) else {
         tracing::error!(qid, tag, "completion for a tag without a buffer");
         return;
@@ -291,11 +279,5 @@ fn commit(q: &UblkQueue, qid: u16, tag: u16, c: Completion, bufs: &[libublk::hel
         let dst = unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr(), n) };
         dst.copy_from_slice(&data[..n]);
     }
-    if let Err(e) = q.complete_io_cmd_unified(
-        tag,
-        BufDesc::Slice(buf.as_slice()),
-        Ok(UblkIORes::Result(c.result)),
-    ) {
-        tracing::error!(qid, tag, error = %e, "committing a request failed");
-    }
+    commit(q, qid, tag, buf, c.result);
 }
