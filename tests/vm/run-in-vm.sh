@@ -122,17 +122,30 @@ qemu=(
   -virtfs "local,path=$out,mount_tag=out,security_model=none,multidevs=remap"
 )
 
-vm_log "booting $VM_KVER (tcg, ${cpus} cpus, ${mem} MiB, timeout ${tmo}s):$(printf ' %q' "$script" "$@")"
-start=$(date +%s.%N)
-# stdin from /dev/null: qemu must not grab the terminal (or CI's stdin).
-# sed -u strips the serial console's CRs (and the kernel's final "reboot: Power
-# down", printed whatever the loglevel) without buffering; tee keeps a log.
-set +e
-timeout -k 10 "$tmo" "${qemu[@]}" </dev/null 2>&1 |
-  sed -u -e 's/\r$//' -e '/^\[ *[0-9.]*\] reboot: Power down$/d' | tee "$log"
-qemu_rc=${PIPESTATUS[0]}
-set -e
-elapsed=$(awk -v s="$start" -v e="$(date +%s.%N)" 'BEGIN { printf "%.1f", e - s }')
+# A guest kernel that panics while booting, before the job starts (seen
+# rarely under TCG: an int3 Oops in early init), has run nothing of ours:
+# boot again, at most twice, and say so. A failure once the job is running
+# is never retried.
+for attempt in 1 2 3; do
+  vm_log "booting $VM_KVER (tcg, ${cpus} cpus, ${mem} MiB, timeout ${tmo}s):$(printf ' %q' "$script" "$@")"
+  start=$(date +%s.%N)
+  # stdin from /dev/null: qemu must not grab the terminal (or CI's stdin).
+  # sed -u strips the serial console's CRs (and the kernel's final "reboot:
+  # Power down", printed whatever the loglevel) without buffering; tee keeps
+  # a log.
+  set +e
+  timeout -k 10 "$tmo" "${qemu[@]}" </dev/null 2>&1 |
+    sed -u -e 's/\r$//' -e '/^\[ *[0-9.]*\] reboot: Power down$/d' | tee "$log"
+  qemu_rc=${PIPESTATUS[0]}
+  set -e
+  elapsed=$(awk -v s="$start" -v e="$(date +%s.%N)" 'BEGIN { printf "%.1f", e - s }')
+  if [[ -f $job/exit-status ]] || grep -q '^vm: guest up after' "$log" ||
+    ((qemu_rc == 124 || qemu_rc == 137)) || ((attempt == 3)); then
+    break
+  fi
+  cp "$log" "$out/console-boot-failure-$attempt.log"
+  vm_log "warning: the guest died while booting, before the job ran (log: $out/console-boot-failure-$attempt.log); booting again"
+done
 
 # The status file (written by the guest over 9p) is authoritative; the console
 # marker is the fallback in case the file write did not make it.
