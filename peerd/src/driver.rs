@@ -2,7 +2,7 @@
 //!
 //! One task owns the node: the state machine is single-threaded by design,
 //! so nothing else ever touches it and no lock is needed. Everything else
-//! talks to that task over one bounded channel of [`Event`]s:
+//! talks to that task over one bounded channel of `Event`s:
 //!
 //! - an accept task hands over each child connection (its writer channel);
 //! - per connection, a reader task splits frames and decodes them, and a

@@ -6,7 +6,9 @@
 //! Like [`crate::volume`], this knows nothing about ublk, so the host tests
 //! drive it against a real tree on loopback. Unlike it, a request is
 //! asynchronous: a miss waits for the network, and the queue thread must
-//! not wait with it (see `device`).
+//! not wait with it (see `leaf_device`). Reads of chunks the node has
+//! published are the exception: [`LeafVolume::try_read`] serves them on
+//! the caller's thread.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
