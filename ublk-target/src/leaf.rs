@@ -47,18 +47,28 @@ pub struct LeafVolume {
     size: u64,
     chunk_size: usize,
     errors: AtomicU64,
-    hits: AtomicU64,
+    /// Reads served by `try_read`, one counter per queue thread on a cache
+    /// line of its own, so counting a hit never bounces a line between
+    /// queues.
+    hits: Box<[QueueCounter]>,
 }
+
+/// A counter written by one queue thread.
+#[repr(align(64))]
+#[derive(Default)]
+struct QueueCounter(AtomicU64);
 
 impl LeafVolume {
     /// Serve the volume through `handle`, whose node is connected and
     /// reported this geometry. With `view` (the node's published reads),
     /// [`LeafVolume::try_read`] serves repeat reads without the node.
+    /// `queues` is how many threads call [`LeafVolume::try_read`].
     pub fn new(
         handle: NodeHandle,
         view: Option<Arc<ReadView>>,
         size: u64,
         chunk_size: usize,
+        queues: usize,
     ) -> Self {
         LeafVolume {
             handle,
@@ -66,7 +76,9 @@ impl LeafVolume {
             size,
             chunk_size,
             errors: AtomicU64::new(0),
-            hits: AtomicU64::new(0),
+            hits: (0..queues.max(1))
+                .map(|_| QueueCounter::default())
+                .collect(),
         }
     }
 
@@ -74,7 +86,10 @@ impl LeafVolume {
     /// published and fresh: the cache-hit path of a queue thread, with no
     /// task, no allocation and no wait on the node. False when any piece
     /// misses; `buf` then holds partial bytes the full read overwrites.
-    pub fn try_read(&self, offset: u64, len: usize, buf: &mut [u8]) -> bool {
+    ///
+    /// `queue` (below the `queues` given to [`LeafVolume::new`]) picks the
+    /// caller's hit counter.
+    pub fn try_read(&self, queue: usize, offset: u64, len: usize, buf: &mut [u8]) -> bool {
         let Some(view) = &self.view else {
             return false;
         };
@@ -89,13 +104,16 @@ impl LeafVolume {
                 return false;
             }
         }
-        self.hits.fetch_add(1, Ordering::Relaxed);
+        if let Some(c) = self.hits.get(queue) {
+            // One writer per counter: a load and a store, no locked RMW.
+            c.0.store(c.0.load(Ordering::Relaxed) + 1, Ordering::Relaxed);
+        }
         true
     }
 
     /// Reads served by [`LeafVolume::try_read`] so far.
     pub fn hits(&self) -> u64 {
-        self.hits.load(Ordering::Relaxed)
+        self.hits.iter().map(|c| c.0.load(Ordering::Relaxed)).sum()
     }
 
     /// The node, for statistics and a clean stop.

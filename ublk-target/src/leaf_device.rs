@@ -93,7 +93,13 @@ pub fn serve_leaf(opts: LeafOptions) -> Result<()> {
         bail!("the parent announced an unusable volume: {size} bytes in chunks of {chunk_size}");
     }
     tracing::info!(size, chunk_size, "joined the volume");
-    let leaf = Arc::new(LeafVolume::new(peer.handle(), Some(view), size, chunk_size));
+    let leaf = Arc::new(LeafVolume::new(
+        peer.handle(),
+        Some(view),
+        size,
+        chunk_size,
+        usize::from(opts.queues),
+    ));
 
     // No USER_RECOVERY: a restarted leaf is a new node of the tree (its
     // grants died with it), so there is nothing for `recover` to re-attach.
@@ -225,7 +231,7 @@ fn serve_queue(qid: u16, dev: &UblkDev, leaf: &Arc<LeafVolume>, rt: &tokio::runt
                 // SAFETY: the tag owns its buffer until we commit it, and
                 // the kernel does not touch it before that.
                 let dst = unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr(), buf.len()) };
-                if leaf.try_read(offset, len, dst) {
+                if leaf.try_read(usize::from(qid), offset, len, dst) {
                     // A hit: done on this thread, no task, no node.
                     commit(q, qid, tag, buf, i32::try_from(len).unwrap_or(i32::MAX));
                     return;

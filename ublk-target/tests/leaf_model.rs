@@ -73,7 +73,13 @@ async fn leaf(parent: &Peer, mode: WriteModeSetting, cache_mem: u64) -> (Peer, L
     let stats = within("stats", peer.handle().stats()).await.expect("stats");
     assert_eq!(stats.volume_size, VOLUME);
     assert_eq!(u64::from(stats.chunk_size), CHUNK);
-    let v = LeafVolume::new(peer.handle(), Some(view), stats.volume_size, CHUNK as usize);
+    let v = LeafVolume::new(
+        peer.handle(),
+        Some(view),
+        stats.volume_size,
+        CHUNK as usize,
+        1,
+    );
     (peer, v)
 }
 
@@ -107,7 +113,7 @@ fn range(rng: &mut Rng) -> (u64, usize) {
 /// the request, else through the node.
 async fn check_read(v: &LeafVolume, model: &[u8], offset: u64, len: usize, what: &str) {
     let mut hit = vec![0u8; len];
-    let data = if v.try_read(offset, len, &mut hit) {
+    let data = if v.try_read(0, offset, len, &mut hit) {
         hit
     } else {
         let c = within(what, v.handle(Some(Op::Read), offset, len, Bytes::new())).await;
