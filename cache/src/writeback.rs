@@ -154,12 +154,25 @@ impl<B: Backing> CacheStack<B> {
         if data.is_empty() {
             return Ok(());
         }
-        let _stripe = self.stripes.of(chunk).lock();
+        let stripe = self.stripes.of(chunk).lock();
         let mut scratch = self.movement.lock().victim.take_buf();
         let res = self.backing.write_range(chunk, offset, data, &mut scratch);
         self.movement.lock().victim.recycle(scratch);
         res?;
-        self.write_src(chunk, offset, Src::Data(data), false, true)
+        let res = self.write_src(chunk, offset, Src::Data(data), false, true);
+        drop(stripe);
+        // The chunk this write pushed into the victim repository may share
+        // our stripe, which back-pressure (inside `write_src`) could not
+        // take while we held it: relieve again now that it is free, so the
+        // repository does not stay over capacity until the cleaner runs.
+        let over = {
+            let _layout = self.layout.read();
+            self.movement.lock().victim.over_capacity()
+        };
+        if over {
+            self.relieve_pressure();
+        }
+        res
     }
 
     /// Every dirty chunk in the tiers and the victim repository.
