@@ -974,13 +974,13 @@ impl Node {
         } else {
             None
         };
-        let Some(e) = self.table.get_mut(&chunk) else {
+        let Some(e) = self.table.get(&chunk) else {
             return;
         };
         // A grant renews, never lowers: a child that re-asks after its TTL ran
         // out may still have a subtree holding what it was given.
         let want = want.max(e.child_perm(child));
-        e.set_child(child, want);
+        self.record_grant(chunk, child, want);
         let ttl = self
             .table
             .get(&chunk)
@@ -1040,15 +1040,27 @@ impl Node {
         }
     }
 
+    /// Record that `child` holds `perm` on `chunk`, unless its connection
+    /// is gone: `child_gone` leaves a request already in progress to
+    /// finish, and its grant goes nowhere. Recorded, it would outlive the
+    /// connection, and every later conflicting request would INVALIDATE a
+    /// child that can never answer and wait forever.
+    fn record_grant(&mut self, chunk: u64, child: ChildId, perm: Perm) {
+        if !self.children.contains_key(&child) {
+            return;
+        }
+        if let Some(e) = self.table.get_mut(&chunk) {
+            e.set_child(child, perm);
+        }
+    }
+
     /// PUSH `data` of `chunk` to `child` with READ, recording the grant.
     fn send_push(&mut self, child: ChildId, chunk: u64, data: Bytes, now: Millis) {
         let ttl = self
             .table
             .get(&chunk)
             .map_or(0, |e| self.ttl_for_child(e, now));
-        if let Some(e) = self.table.get_mut(&chunk) {
-            e.set_child(child, Perm::Read);
-        }
+        self.record_grant(chunk, child, Perm::Read);
         let xid = self.alloc_xid(Outstanding::Release {
             chunk,
             carried: false,
@@ -1231,9 +1243,7 @@ impl Node {
                 } else {
                     0
                 };
-                if let Some(e) = self.table.get_mut(&chunk) {
-                    e.set_child(child, granted);
-                }
+                self.record_grant(chunk, child, granted);
                 let mut m = Message::new(Opcode::OkReply, xid);
                 m.params.volume_id = Some(self.cfg.child_volume_id);
                 m.params.block_num = Some(chunk);
