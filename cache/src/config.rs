@@ -5,8 +5,9 @@ use serde::{Deserialize, Serialize};
 use std::collections::HashSet;
 use std::path::PathBuf;
 
-/// Smallest accepted chunk size (only useful for tests; real volumes use 4 KiB or more).
-pub const MIN_CHUNK_SIZE: usize = 512;
+/// Smallest accepted chunk size. Only tests use chunks this small (they
+/// keep simulated volumes tiny); real volumes use 4 KiB or more.
+pub const MIN_CHUNK_SIZE: usize = 16;
 /// Largest accepted chunk size.
 pub const MAX_CHUNK_SIZE: usize = 1 << 20;
 /// The chunk size canopy uses unless told otherwise.

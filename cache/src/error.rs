@@ -24,6 +24,13 @@ pub enum CacheError {
         /// The cache's chunk size.
         chunk_size: usize,
     },
+    /// A detached stack ([`crate::CacheStack::detached`]) does not hold the
+    /// chunk, and has no backing store to fill it from.
+    #[error("chunk {chunk} is not cached")]
+    NotCached {
+        /// The chunk that was looked up.
+        chunk: u64,
+    },
     /// A reconfiguration named a tier position that does not exist.
     #[error("tier index {index} out of range (the stack has {tiers} tiers)")]
     BadTierIndex {

@@ -51,6 +51,15 @@
 //! re-inserts them into its new shape first), so dirty data always ends up
 //! in some tier or the victim repository, never lost.
 //!
+//! # Detached stacks
+//!
+//! A tree node's stack has no backing store it could call: a miss is asked
+//! of the parent over the network, and a chunk leaving the stack must first
+//! give its permission back (or FLUSH its writes). [`CacheStack::detached`]
+//! builds a stack that reports misses instead of filling them and never
+//! drains its victim repository by itself: the owner takes victims out
+//! ([`CacheStack::take_victim`]) once it has dealt with them.
+//!
 //! # Concurrency
 //!
 //! * **Layout lock** (`RwLock` over the tier list): every I/O takes it
@@ -95,10 +104,12 @@
 mod backing;
 mod cleaner;
 mod config;
+mod detached;
 mod disk;
 mod error;
 mod hash;
 mod inspect;
+pub mod layout;
 mod reconfig;
 mod set;
 mod stack;
@@ -114,6 +125,7 @@ pub use config::{
     CacheConfig, HashKind, Medium, Reconfig, TierConfig, DEFAULT_CHUNK_SIZE, MAX_CHUNK_SIZE,
     MIN_CHUNK_SIZE,
 };
+pub use detached::Detached;
 pub use disk::io_uring_fallbacks;
 pub use error::CacheError;
 pub use inspect::{Location, Residency};

@@ -71,6 +71,10 @@ pub struct CacheStack<B: Backing> {
     pub(crate) flushes: AtomicU64,
     pub(crate) writebacks: AtomicU64,
     pub(crate) victim_errors: AtomicU64,
+    /// The owner takes chunks out of the victim repository itself
+    /// ([`CacheStack::detached`]): no back-pressure draining, and a miss is
+    /// reported instead of filled.
+    pub(crate) owner_drains: bool,
 }
 
 /// One access, carried into the slow path.
@@ -227,7 +231,7 @@ pub(crate) fn cascade(
 
 impl<B: Backing> CacheStack<B> {
     /// Builds the stack (creating disk-tier files) after validating
-    /// `config`: chunk size a power of two in 512..=1 MiB, at least one
+    /// `config`: chunk size a power of two in 16..=1 MiB, at least one
     /// tier, every tier with at least one group and one way, no two disk
     /// tiers on one path.
     pub fn new(config: CacheConfig, backing: Arc<B>) -> Result<Self, CacheError> {
@@ -254,6 +258,7 @@ impl<B: Backing> CacheStack<B> {
             flushes: AtomicU64::new(0),
             writebacks: AtomicU64::new(0),
             victim_errors: AtomicU64::new(0),
+            owner_drains: false,
         })
     }
 
@@ -430,6 +435,8 @@ impl<B: Backing> CacheStack<B> {
                         cascade(tiers, victim, incoming, spare, 0, e);
                         Ok(())
                     }
+                    // A detached stack has nothing to fill from.
+                    None if self.owner_drains && needs_fill => Err(CacheError::NotCached { chunk }),
                     None => {
                         if !have_stripe {
                             // Lock order is stripe before layout/movement:
@@ -479,8 +486,23 @@ impl<B: Backing> CacheStack<B> {
         if after.wake {
             self.wake.notify();
         }
-        if after.over {
+        if after.over && !self.owner_drains {
             self.relieve_pressure();
+        }
+    }
+
+    /// Drops `chunk` from whichever tier or the repository holds it,
+    /// without touching the backing store. The caller holds the chunk's
+    /// stripe lock or owns the stack's draining (detached mode).
+    pub(crate) fn discard_cached(&self, chunk: u64) -> bool {
+        let layout = self.layout.read();
+        let mut mv = self.movement.lock();
+        match find_in_tiers(&layout.tiers, chunk, false) {
+            Some((t, s, w)) => {
+                layout.tiers[t].sets[s].lock().vacate(w);
+                true
+            }
+            None => mv.victim.discard(chunk),
         }
     }
 
@@ -493,14 +515,7 @@ impl<B: Backing> CacheStack<B> {
         // concurrent top-tier write hit may land meanwhile and is then
         // superseded by this zero, a valid order for overlapping requests.
         self.backing.zero_chunk(chunk)?;
-        let layout = self.layout.read();
-        let mut mv = self.movement.lock();
-        match find_in_tiers(&layout.tiers, chunk, false) {
-            Some((t, s, w)) => layout.tiers[t].sets[s].lock().vacate(w),
-            None => {
-                mv.victim.discard(chunk);
-            }
-        }
+        self.discard_cached(chunk);
         Ok(())
     }
 }

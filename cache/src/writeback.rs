@@ -202,6 +202,10 @@ impl<B: Backing> CacheStack<B> {
     /// the back of the queue so the others still drain, and the first error
     /// is returned at the end of the pass.
     pub fn clean_victims(&self, max: usize) -> Result<usize, CacheError> {
+        if self.owner_drains {
+            // A detached stack's owner takes its victims itself.
+            return Ok(0);
+        }
         let mut drained = 0;
         let mut first_err = None;
         // Each attempt drains an entry, or finds it rescued/rewritten, or
@@ -260,6 +264,10 @@ impl<B: Backing> CacheStack<B> {
     /// is soft for that instant; the cleaner catches up. Errors are counted,
     /// not returned: the I/O that triggered this already succeeded.
     pub(crate) fn relieve_pressure(&self) {
+        if self.owner_drains {
+            // A detached stack's owner decides what leaves (see `detached.rs`).
+            return;
+        }
         let mut budget = 64usize;
         loop {
             let picked = {
