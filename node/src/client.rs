@@ -175,7 +175,7 @@ impl Node {
     /// next device FLUSH of that chunk fail rather than claim durability.
     fn release_refused(&mut self, chunk: u64) {
         if let Some(e) = self.table.get_mut(&chunk) {
-            if e.held == Perm::Write && e.data.is_some() {
+            if e.held == Perm::Write && e.has_data {
                 e.dirty = true;
                 self.dirty.insert(chunk);
                 return;
@@ -203,6 +203,7 @@ impl Node {
                     let chunks = usize::try_from(bytes / chunk).unwrap_or(usize::MAX);
                     self.cfg.capacity_chunks = chunks.max(1);
                 }
+                self.build_store();
                 // Our children get the parent's global TTL, unchanged (seed example 1).
                 self.cfg.hb_ttl_ms = hb;
                 self.upstream = Upstream::Connected {
@@ -259,7 +260,7 @@ impl Node {
             // FLUSH may not have stored it. While we still hold WRITE our copy
             // is the newest there is, so sending it again later is harmless
             // and losing track of it is not.
-            if kind == UpKind::Flush && e.held == Perm::Write && e.data.is_some() && !e.dirty {
+            if kind == UpKind::Flush && e.held == Perm::Write && e.has_data && !e.dirty {
                 e.dirty = true;
                 self.dirty.insert(chunk);
             }
@@ -278,7 +279,7 @@ impl Node {
         match kind {
             UpKind::Flush => {}
             UpKind::Acquire => {
-                let need_data = self.chunk_size > 0 && e.data.is_none();
+                let need_data = self.chunk_size > 0 && !e.has_data;
                 let bad_size = m
                     .params
                     .data
@@ -300,10 +301,10 @@ impl Node {
                     // A dirty copy is newer than the parent's (we held WRITE
                     // all along; only our TTL ran out): keep ours.
                     if !e.dirty {
-                        e.data = Some(d);
+                        self.set_bytes(chunk, d);
                     }
                 } else if self.chunk_size == 0 {
-                    e.data = Some(bytes::Bytes::new());
+                    self.set_bytes(chunk, bytes::Bytes::new());
                 }
             }
             UpKind::Put => {
@@ -324,10 +325,12 @@ impl Node {
                 if granted > Perm::No {
                     e.held = granted;
                     e.expiry = Some(expiry);
-                    e.data = put;
                     e.dirty = false;
                     e.forward_duty = semi;
                     self.dirty.remove(&chunk);
+                    if let Some(d) = put {
+                        self.set_bytes(chunk, d);
+                    }
                 } else {
                     self.drop_copy(chunk);
                 }
@@ -381,19 +384,20 @@ impl Node {
             self.forget_if_idle(chunk);
             return;
         }
-        e.data = Some(data);
         e.expiry = Some(now + u64::from(m.params.ttl_ms.unwrap_or(0)));
+        self.set_bytes(chunk, data);
         self.touch(chunk);
         self.maybe_evict(now);
     }
 }
 
-/// The data a PUT at the head of the queue carried (for our own copy).
+/// The data a PUT at the head of the queue carried, to become our own copy
+/// (None: keep what we have).
 fn put_data(e: &Entry) -> Option<bytes::Bytes> {
     use crate::entry::Req;
     match e.queue.front().map(|p| &p.req) {
         Some(Req::Put { data, .. }) => Some(data.clone()),
         Some(Req::Write { data, .. }) => Some(data.clone()),
-        _ => e.data.clone(),
+        _ => None,
     }
 }

@@ -66,12 +66,18 @@ pub struct NodeConfig {
     pub hb_ttl_ms: u32,
     /// How often the sync daemon sends dirty chunks up (async writes).
     pub sync_interval_ms: Millis,
-    /// Chunks with data this node keeps before it gives the least recently
-    /// used ones back to its parent.
+    /// Chunks the memory tier of a child's cache stack holds. What the
+    /// stack pushes out of its tiers goes to the victim repository (an
+    /// eighth as much again); beyond that, chunks are given back to the
+    /// parent, oldest victim first.
     pub capacity_chunks: usize,
     /// The same limit in bytes: when set, `capacity_chunks` is recomputed
     /// from it once the parent announces the chunk size (at least one chunk).
     pub capacity_bytes: Option<u64>,
+    /// Disk tiers below the memory tier: a cache file and its size in
+    /// bytes each, in order. The files are created when the node learns
+    /// the chunk size and removed when it stops.
+    pub cache_disk: Vec<(std::path::PathBuf, u64)>,
     /// How this node's own local writes are acknowledged.
     pub write_mode: WriteMode,
     /// Send CONNECT only when a child or local request needs the volume
@@ -96,6 +102,7 @@ impl NodeConfig {
             sync_interval_ms: 5_000,
             capacity_chunks: 4096,
             capacity_bytes: None,
+            cache_disk: Vec::new(),
             write_mode: WriteMode::Sync,
             connect_lazily: false,
             publish_reads: false,

@@ -79,11 +79,11 @@ pub(crate) struct Entry {
     pub held: Perm,
     /// When `held` stops being usable (child nodes only).
     pub expiry: Option<Millis>,
-    /// The chunk's contents, valid while `held >= Read` and no child holds
-    /// WRITE. At the root, a copy of what the origin holds, kept only while
-    /// a request on the row or a read-ahead PUSH needs it (see
-    /// [`crate::Node::origin_loaded`]).
-    pub data: Option<Bytes>,
+    /// The node's store has the chunk's contents (`store.rs`), valid while
+    /// `held >= Read` and no child holds WRITE. At the root, a copy of what
+    /// the origin holds, kept only while a request on the row or a
+    /// read-ahead PUSH needs it (see [`crate::Node::origin_loaded`]).
+    pub has_data: bool,
     /// `data` is newer than the parent's copy.
     pub dirty: bool,
     /// The last write went only as far as the parent (semi-sync): dropping
@@ -99,8 +99,6 @@ pub(crate) struct Entry {
     pub parent_inval: VecDeque<(u32, Perm)>,
     /// Requests in arrival order.
     pub queue: VecDeque<Pending>,
-    /// Logical time of the last local or child access, for eviction.
-    pub touched: u64,
     /// Accessed since the sync daemon's last pass.
     pub recently_used: bool,
     /// Dirty at the sync daemon's last pass already: due this pass.
@@ -150,7 +148,7 @@ impl Entry {
     /// Nothing refers to this row: it can leave the table.
     pub fn is_idle(&self) -> bool {
         self.held == Perm::No
-            && self.data.is_none()
+            && !self.has_data
             && self.children.is_empty()
             && self.up.is_none()
             && self.recall.is_empty()

@@ -24,6 +24,7 @@ mod entry;
 mod local;
 mod node;
 mod server;
+mod store;
 mod timers;
 mod view;
 

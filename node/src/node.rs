@@ -1,7 +1,7 @@
 //! The node: its tables, its outputs, and the per-chunk engine that serves
 //! requests one at a time.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
@@ -11,6 +11,7 @@ use canopy_proto::{Flags, IoOp, Message, Opcode, Perm, Status};
 use crate::config::{NodeConfig, Role, WriteMode};
 use crate::entry::{ChunkView, Entry, Pending, Req, Requester, UpKind};
 use crate::local::{LocalId, LocalReply};
+use crate::store::Store;
 use crate::{ChildId, Millis};
 
 /// Something the driver must do.
@@ -152,9 +153,8 @@ pub struct Node {
     /// Local requests waiting for the parent connection.
     pub(crate) waiting_local: Vec<(LocalId, crate::LocalOp)>,
     pub(crate) children: HashMap<ChildId, ChildConn>,
-    pub(crate) tick: u64,
-    /// Eviction order: touch tick → chunk.
-    pub(crate) lru: BTreeMap<u64, u64>,
+    /// The chunks' contents (the stacked cache at a child).
+    pub(crate) store: Store,
     pub(crate) dirty: BTreeSet<u64>,
     /// Chunks with a local write acknowledged but not yet known durable at
     /// the root (see [`Node::unsynced_chunks`]). Kept apart from the rows
@@ -221,8 +221,7 @@ impl Node {
             waiting_connect: Vec::new(),
             waiting_local: Vec::new(),
             children: HashMap::new(),
-            tick: 0,
-            lru: BTreeMap::new(),
+            store: Store::default(),
             dirty: BTreeSet::new(),
             unsynced: BTreeSet::new(),
             unsynced_lost: BTreeSet::new(),
@@ -282,7 +281,11 @@ impl Node {
             Some(e) => ChunkView {
                 held: self.held(e),
                 usable: self.usable(e, now) > Perm::No,
-                data: e.data.clone(),
+                data: if e.has_data {
+                    self.store.peek(chunk)
+                } else {
+                    None
+                },
                 dirty: e.dirty,
                 children: e.children.clone(),
             },
@@ -374,23 +377,75 @@ impl Node {
         self.actions.push_back(Action::LocalDone(id, r));
     }
 
+    /// A local or child access: the sync daemon leaves the chunk's
+    /// permission alone this pass. (Recency for eviction is the stack's:
+    /// every read it serves promotes the chunk.)
     pub(crate) fn touch(&mut self, chunk: u64) {
-        self.tick += 1;
-        let tick = self.tick;
         if let Some(e) = self.table.get_mut(&chunk) {
-            if e.touched != 0 {
-                self.lru.remove(&e.touched);
-            }
-            e.touched = tick;
             e.recently_used = true;
-            self.lru.insert(tick, chunk);
+        }
+    }
+
+    /// The chunk's bytes if this node has them. `promote`: this is an
+    /// access (a read or grant served), which moves the chunk up the stack;
+    /// a FLUSH or an INVALIDATE answer reads without promoting. If a cache
+    /// tier lost them (an I/O error), the row learns it here.
+    pub(crate) fn chunk_bytes(&mut self, chunk: u64, promote: bool) -> Option<Bytes> {
+        if !self.table.get(&chunk).is_some_and(|e| e.has_data) {
+            return None;
+        }
+        let d = self.store.get(chunk, promote);
+        if d.is_none() {
+            self.bytes_lost(chunk);
+        }
+        d
+    }
+
+    /// A cache tier failed and the chunk's bytes are gone. A clean copy is
+    /// fetched again when next needed; a dirty one was the only copy of
+    /// acknowledged writes: counted, and reported by the next `Sync`.
+    fn bytes_lost(&mut self, chunk: u64) {
+        let Some(e) = self.table.get_mut(&chunk) else {
+            return;
+        };
+        e.has_data = false;
+        if e.dirty {
+            tracing::error!(chunk, "a cache tier lost unflushed writes");
+            self.stats.lost_dirty += 1;
+            if self.unsynced.contains(&chunk) {
+                self.unsynced_lost.insert(chunk);
+            }
+            self.clear_dirty(chunk);
+        } else {
+            tracing::warn!(
+                chunk,
+                "a cache tier lost a clean chunk; it is fetched again"
+            );
+        }
+        self.revoke(chunk);
+    }
+
+    /// Store `data` as the chunk's bytes (the row must exist).
+    pub(crate) fn set_bytes(&mut self, chunk: u64, data: Bytes) {
+        if let Some(e) = self.table.get_mut(&chunk) {
+            e.has_data = true;
+            self.store.put(chunk, data);
+        }
+    }
+
+    /// Drop the chunk's bytes (not its permission).
+    pub(crate) fn drop_bytes(&mut self, chunk: u64) {
+        if let Some(e) = self.table.get_mut(&chunk) {
+            if std::mem::take(&mut e.has_data) {
+                self.store.remove(chunk);
+            }
         }
     }
 
     /// The chunk's current contents: our copy (at the root, what
     /// [`Node::origin_data`] loaded).
     pub(crate) fn read_data(&mut self, chunk: u64) -> Result<Bytes, Status> {
-        if let Some(d) = self.table.get(&chunk).and_then(|e| e.data.clone()) {
+        if let Some(d) = self.chunk_bytes(chunk, true) {
             return Ok(d);
         }
         if self.is_root() && self.chunk_size == 0 {
@@ -417,7 +472,7 @@ impl Node {
             // Every caller has the row; without one, read_data reports it.
             return Loaded::Ready;
         };
-        if e.data.is_some() {
+        if e.has_data {
             return Loaded::Ready;
         }
         if let Some(s) = e.load_error.take() {
@@ -459,8 +514,8 @@ impl Node {
                 // Data already here would have come from a write made
                 // while reading, which marks the read stale; keep it anyway.
                 Ok(d) if d.len() == size => {
-                    if e.data.is_none() {
-                        e.data = Some(d);
+                    if !e.has_data {
+                        self.set_bytes(chunk, d);
                     }
                 }
                 Ok(d) => {
@@ -517,7 +572,7 @@ impl Node {
             return;
         };
         let waiters = std::mem::take(&mut e.push_waiters);
-        let Some(data) = e.data.clone() else {
+        let Some(data) = self.chunk_bytes(chunk, false) else {
             return;
         };
         for child in waiters {
@@ -541,10 +596,12 @@ impl Node {
         if !self.is_root() {
             return;
         }
-        if let Some(e) = self.table.get_mut(&chunk) {
-            if e.queue.is_empty() && !e.loading {
-                e.data = None;
-            }
+        if self
+            .table
+            .get(&chunk)
+            .is_some_and(|e| e.queue.is_empty() && !e.loading)
+        {
+            self.drop_bytes(chunk);
         }
     }
 
@@ -570,7 +627,11 @@ impl Node {
                     // new contents if written (kept only while the row is
                     // in use), nothing if the write failed.
                     let in_use = e.loading || !e.queue.is_empty();
-                    e.data = (written.is_ok() && in_use).then(|| data.clone());
+                    if written.is_ok() && in_use {
+                        self.set_bytes(chunk, data.clone());
+                    } else {
+                        self.drop_bytes(chunk);
+                    }
                 }
                 if let Err(e) = written {
                     tracing::error!(chunk, error = %e, "origin write failed");
@@ -588,9 +649,9 @@ impl Node {
             return Ok(());
         }
         if let Some(e) = self.table.get_mut(&chunk) {
-            e.data = Some(data);
             e.dirty = true;
             self.dirty.insert(chunk);
+            self.set_bytes(chunk, data);
         }
         Ok(())
     }
@@ -621,9 +682,9 @@ impl Node {
     /// Drop our copy and permission (answering the parent or giving back).
     pub(crate) fn drop_copy(&mut self, chunk: u64) {
         self.revoke(chunk);
+        self.drop_bytes(chunk);
         if let Some(e) = self.table.get_mut(&chunk) {
             e.held = Perm::No;
-            e.data = None;
             e.dirty = false;
             e.sync_aged = false;
             e.expiry = None;
@@ -684,9 +745,7 @@ impl Node {
 
     pub(crate) fn forget_if_idle(&mut self, chunk: u64) {
         if self.table.get(&chunk).is_some_and(Entry::is_idle) {
-            if let Some(e) = self.table.remove(&chunk) {
-                self.lru.remove(&e.touched);
-            }
+            self.table.remove(&chunk);
         }
     }
 
@@ -739,10 +798,11 @@ impl Node {
             return false;
         }
         let keep = e.held.min(target);
+        let carry = e.dirty && e.held == Perm::Write;
         let mut reply = Message::new(Opcode::OkReply, xid);
         reply.params.permissions = Some(keep);
-        if e.dirty && e.held == Perm::Write {
-            reply.params.data = e.data.clone();
+        if carry {
+            reply.params.data = self.chunk_bytes(chunk, false);
         }
         if let Some(v) = self.parent_volume_id() {
             reply.params.volume_id = Some(v);
@@ -812,7 +872,14 @@ impl Node {
             return self.finish_write(chunk, &from, &req, now);
         }
 
-        if self.usable(e, now) < need {
+        // Bytes evicted under a permission kept for children that still
+        // read the chunk (see `maybe_evict`) are fetched again first.
+        let bytes_gone = !self.is_root()
+            && self.chunk_size > 0
+            && !e.has_data
+            && need >= Perm::Read
+            && !matches!(req, Req::Lock { .. });
+        if self.usable(e, now) < need || bytes_gone {
             return self.acquire(chunk, &req, need, now);
         }
 
@@ -899,7 +966,7 @@ impl Node {
         };
         // An expired grant's copy may be stale, unless it is dirty: then it
         // is the newest there is.
-        let has_data = e.data.is_some() && (self.usable(e, now) >= Perm::Read || e.dirty);
+        let has_data = e.has_data && (self.usable(e, now) >= Perm::Read || e.dirty);
         let full = self.chunk_size as usize;
         let (op, kind, data, sync) = match req {
             Req::Put {
@@ -1168,12 +1235,13 @@ impl Node {
         let Some(e) = self.table.get(&chunk) else {
             return false;
         };
-        let data = if e.dirty && e.held == Perm::Write {
-            e.data.clone()
+        let carry = e.dirty && e.held == Perm::Write;
+        let keep = keep.min(e.held);
+        let data = if carry {
+            self.chunk_bytes(chunk, false)
         } else {
             None
         };
-        let keep = keep.min(e.held);
         let xid = self.alloc_xid(Outstanding::Up { chunk, sent: now });
         let mut m = Message::new(Opcode::IoRequest, xid);
         if sync {

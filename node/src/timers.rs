@@ -132,16 +132,17 @@ impl Node {
         let Some(e) = self.table.get(&chunk) else {
             return;
         };
-        let data = if e.dirty && e.held == Perm::Write {
-            e.data.clone()
+        let carry = e.dirty && e.held == Perm::Write;
+        let forward = keep == Perm::No && e.forward_duty;
+        let held = e.held;
+        if !carry && keep >= held {
+            return;
+        }
+        let data = if carry {
+            self.chunk_bytes(chunk, false)
         } else {
             None
         };
-        let forward = keep == Perm::No && e.forward_duty;
-        let held = e.held;
-        if data.is_none() && keep >= held {
-            return;
-        }
         let xid = self.alloc_xid(Outstanding::Release {
             chunk,
             carried: data.is_some(),
@@ -179,40 +180,54 @@ impl Node {
         }
     }
 
-    /// Give chunks back to the parent, least recently used first, until we
-    /// keep at most `capacity_chunks` with data.
+    /// The victim cleaner: what the cache stack pushed out of its tiers
+    /// beyond the victim repository's capacity leaves the node, oldest
+    /// first, but only once its permission went back to the parent in the
+    /// same step (a FLUSH carrying the data if it is dirty, a FORWARD first
+    /// if a semi-sync write is owed one). A chunk that a transaction, a
+    /// local lock or a child's WRITE holds stays in the repository (its
+    /// capacity is soft) and is tried again after the next access. A chunk
+    /// whose children hold READ keeps its permission, which they rely on,
+    /// and loses only its bytes: fetched again if asked for.
     pub(crate) fn maybe_evict(&mut self, _now: Millis) {
         if self.cfg.role == Role::Root {
             return;
         }
-        // Rows bound the chunks with data: skip the count while they fit,
-        // which is every call on a node below capacity.
-        if self.table.len() <= self.cfg.capacity_chunks {
-            return;
-        }
-        let held = self.table.values().filter(|e| e.data.is_some()).count();
-        let mut excess = held.saturating_sub(self.cfg.capacity_chunks);
-        if excess == 0 {
-            return;
-        }
-        let order: Vec<u64> = self.lru.values().copied().collect();
-        for chunk in order {
+        let (mut excess, candidates) = self.store.overflow(self.cfg.capacity_chunks);
+        for chunk in candidates {
             if excess == 0 {
                 break;
             }
             let Some(e) = self.table.get(&chunk) else {
+                // Bytes without a row cannot happen (a row keeps its bytes);
+                // drop them rather than keep them forever.
+                self.store.take(chunk);
+                excess -= 1;
                 continue;
             };
-            if e.data.is_none() || e.is_busy() || !e.children.is_empty() || e.pinned != Perm::No {
+            if e.is_busy() || e.pinned != Perm::No || e.child_writer().is_some() {
                 continue;
             }
-            self.stats.evictions += 1;
-            self.send_release(chunk, Perm::No);
-            if self.table.get(&chunk).is_some_and(|e| e.data.is_some()) {
-                // Not connected: nothing can be given back now.
-                break;
+            if e.children.is_empty() && e.held == Perm::No && !e.dirty {
+                // Nothing to give back (a grant a PUT answered with nothing).
+                self.drop_bytes(chunk);
+                self.forget_if_idle(chunk);
+                excess -= 1;
+            } else if e.children.is_empty() {
+                if self.parent_volume_id().is_none() {
+                    // Not connected: nothing can be given back now.
+                    break;
+                }
+                self.stats.evictions += 1;
+                self.send_release(chunk, Perm::No);
+                self.forget_if_idle(chunk);
+                excess -= 1;
+            } else if !e.dirty && !e.forward_duty {
+                self.stats.evictions += 1;
+                self.revoke(chunk);
+                self.drop_bytes(chunk);
+                excess -= 1;
             }
-            excess -= 1;
         }
     }
 
@@ -311,7 +326,9 @@ impl Node {
     /// driver waits for [`Node::releases_in_flight`] to reach 0 (or a
     /// deadline) before closing the link, so async writes are not lost.
     pub fn release_all(&mut self, _now: Millis) -> usize {
-        let chunks: Vec<u64> = self.lru.values().copied().collect();
+        let mut chunks: Vec<u64> = self.table.keys().copied().collect();
+        // Sorted so that a simulation replays the same actions in the same order.
+        chunks.sort_unstable();
         let mut sent = 0;
         for chunk in chunks {
             let Some(e) = self.table.get(&chunk) else {

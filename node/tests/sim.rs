@@ -223,6 +223,8 @@ struct Sim {
     /// Leaves whose lock (still in `locks`, still pinned at the leaf) lost
     /// its path to the root: no longer counted for mutual exclusion.
     void_locks: HashSet<usize>,
+    /// Holds the disk tiers' files while the nodes run.
+    _cache_dir: Option<tempfile::TempDir>,
 }
 
 /// Something the scheduler can make happen next.
@@ -258,6 +260,12 @@ impl Sim {
             .collect();
         let mut frng = Rng::new(seed ^ 0x000f_a175_1ed5);
         let faults = frng.chance(30);
+        // A third of the seeds stack a disk tier of 1 to 4 chunks under
+        // each child's memory tier (its own stream, so the others replay).
+        let mut crng = Rng::new(seed ^ 0x00ca_c4ed_15c5);
+        let cache_dir = crng
+            .chance(33)
+            .then(|| tempfile::tempdir().expect("temporary directory"));
         let origin = MemOrigin::new();
         let mut nodes = Vec::new();
         let mut modes = Vec::new();
@@ -282,6 +290,10 @@ impl Sim {
             }
             cfg.connect_lazily = !leaves.contains(&i);
             cfg.publish_reads = publishing[i];
+            if let Some(dir) = &cache_dir {
+                let size = (1 + crng.below(4)) * CHUNK as u64;
+                cfg.cache_disk = vec![(dir.path().join(format!("{i}.cache")), size)];
+            }
             modes.push(cfg.write_mode);
             let mut n = if role == Role::Root {
                 Node::new_root(
@@ -332,6 +344,7 @@ impl Sim {
             path_breaks: vec![0; count],
             lock_epoch: HashMap::new(),
             void_locks: HashSet::new(),
+            _cache_dir: cache_dir,
         };
         for i in 1..count {
             sim.nodes[i].parent_up(sim.now);
@@ -1238,8 +1251,20 @@ fn roundtrip(m: Message) -> Message {
     }
 }
 
-/// Ops, writes, link breaks and failed ops of one seed.
-fn run_seed(seed: u64, verbose: bool) -> (usize, usize, usize, usize) {
+/// What one seed did, for the totals.
+#[derive(Default)]
+struct Counts {
+    ops: usize,
+    writes: usize,
+    breaks: usize,
+    failed: usize,
+    /// Chunks the nodes' victim cleaners gave back or dropped.
+    evictions: u64,
+    /// Chunks demoted into a disk tier.
+    disk_demotions: u64,
+}
+
+fn run_seed(seed: u64, verbose: bool) -> Counts {
     let mut sim = Sim::new(seed, verbose);
     for _ in 0..STEPS {
         sim.random_step();
@@ -1254,15 +1279,31 @@ fn run_seed(seed: u64, verbose: bool) -> (usize, usize, usize, usize) {
         .filter(|o| matches!(o.kind, OpKind::Write { .. }))
         .count();
     let failed = sim.ops.iter().filter(|o| o.failed).count();
-    (sim.ops.len(), writes, sim.breaks, failed)
+    Counts {
+        ops: sim.ops.len(),
+        writes,
+        breaks: sim.breaks,
+        failed,
+        evictions: sim.nodes.iter().map(|n| n.stats().evictions).sum(),
+        disk_demotions: sim
+            .nodes
+            .iter()
+            .filter_map(|n| n.cache_stats())
+            .flat_map(|s| s.tiers.into_iter().skip(1))
+            .map(|t| t.demotions)
+            .sum(),
+    }
 }
 
 #[test]
 fn simulation() {
     if let Ok(s) = std::env::var("SIM_SEED") {
         let seed: u64 = s.parse().expect("SIM_SEED must be a number");
-        let (ops, writes, breaks, failed) = run_seed(seed, true);
-        println!("seed {seed}: {ops} ops, {writes} writes, {breaks} link breaks, {failed} failed ops, all invariants held");
+        let c = run_seed(seed, true);
+        println!(
+            "seed {seed}: {} ops, {} writes, {} link breaks, {} failed ops, {} evictions, {} disk-tier demotions, all invariants held",
+            c.ops, c.writes, c.breaks, c.failed, c.evictions, c.disk_demotions
+        );
         return;
     }
     let seeds: u64 = std::env::var("SIM_SEEDS")
@@ -1273,12 +1314,23 @@ fn simulation() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
-    let (mut total_ops, mut total_breaks, mut total_failed) = (0, 0, 0);
+    let mut t = Counts::default();
     for seed in first..first + seeds {
-        let (ops, _, breaks, failed) = run_seed(seed, false);
-        total_ops += ops;
-        total_breaks += breaks;
-        total_failed += failed;
+        let c = run_seed(seed, false);
+        t.ops += c.ops;
+        t.breaks += c.breaks;
+        t.failed += c.failed;
+        t.evictions += c.evictions;
+        t.disk_demotions += c.disk_demotions;
     }
-    println!("simulation: {seeds} seeds, {total_ops} operations, {total_breaks} link breaks, {total_failed} failed operations, all invariants held");
+    println!(
+        "simulation: {seeds} seeds, {} operations, {} link breaks, {} failed operations, {} evictions, {} disk-tier demotions, all invariants held",
+        t.ops, t.breaks, t.failed, t.evictions, t.disk_demotions
+    );
+    // The invariants above held through the victim cleaner and the disk
+    // tiers only if the seeds exercised them.
+    if seeds >= 100 {
+        assert!(t.evictions > 0, "no seed evicted anything");
+        assert!(t.disk_demotions > 0, "no seed demoted into a disk tier");
+    }
 }

@@ -104,6 +104,55 @@ impl fmt::Display for Size {
     }
 }
 
+/// A disk tier of the cache: `PATH:SIZE`, e.g. `/var/cache/canopy/v.cache:10G`.
+/// The file is created when the node learns the chunk size and removed when
+/// it stops; a block device is used as is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskTier {
+    /// The cache file or block device.
+    pub path: PathBuf,
+    /// Its capacity.
+    pub size: Size,
+}
+
+impl FromStr for DiskTier {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        // The size comes last, so a path may itself contain ':'.
+        let (path, size) = s.rsplit_once(':').ok_or_else(|| {
+            format!("'{s}' is not PATH:SIZE (e.g. /var/cache/canopy/v.cache:10G)")
+        })?;
+        if path.is_empty() {
+            return Err(format!("'{s}' has an empty path"));
+        }
+        Ok(DiskTier {
+            path: PathBuf::from(path),
+            size: size.parse().map_err(|e| format!("'{s}': {e}"))?,
+        })
+    }
+}
+
+impl fmt::Display for DiskTier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.path.display(), self.size)
+    }
+}
+
+impl<'de> Deserialize<'de> for DiskTier {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+impl Serialize for DiskTier {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
 /// An integer or a string, as TOML may give either for a size or duration.
 #[derive(Deserialize)]
 #[serde(untagged)]
@@ -212,7 +261,7 @@ pub struct PeerConfig {
     /// created and a shorter one extended; without it the file's size is used.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub size: Option<Size>,
-    /// Chunks with data a proxy or leaf keeps before giving some back; default 4096.
+    /// The memory tier of a proxy's or leaf's cache, in chunks; default 4096.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache_chunks: Option<usize>,
     /// The same limit in bytes (proxy, leaf), for operators who size caches
@@ -220,6 +269,10 @@ pub struct PeerConfig {
     /// At most one of `cache_mem` and `cache_chunks`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache_mem: Option<Size>,
+    /// Disk tiers below the memory tier (proxy, leaf), in order:
+    /// `["/var/cache/canopy/v.cache:10G"]`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cache_disk: Vec<DiskTier>,
     /// How this node's writes are acknowledged (proxy, leaf); default sync.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub write_mode: Option<WriteModeSetting>,
@@ -319,6 +372,7 @@ impl PeerConfig {
             size: None,
             cache_chunks: None,
             cache_mem: None,
+            cache_disk: Vec::new(),
             write_mode: None,
             hb_ttl: None,
             grant_ttl: None,
@@ -386,6 +440,7 @@ impl PeerConfig {
                 present("parent", self.parent.is_some())?;
                 present("cache_chunks", self.cache_chunks.is_some())?;
                 present("cache_mem", self.cache_mem.is_some())?;
+                present("cache_disk", !self.cache_disk.is_empty())?;
                 present("write_mode", self.write_mode.is_some())?;
                 present("sync_interval", self.sync_interval.is_some())?;
             }
@@ -419,6 +474,15 @@ impl PeerConfig {
         }
         if self.cache_chunks.is_some() && self.cache_mem.is_some() {
             return Err("give `cache_chunks` or `cache_mem`, not both".into());
+        }
+        for (i, t) in self.cache_disk.iter().enumerate() {
+            // The largest chunk must fit, or the tier could hold nothing.
+            if t.size.0 < 1 << 20 {
+                return Err(format!("cache_disk {t}: a disk tier needs at least 1M"));
+            }
+            if self.cache_disk[..i].iter().any(|u| u.path == t.path) {
+                return Err(format!("cache_disk: {} is given twice", t.path.display()));
+            }
         }
         ttl_u32("hb_ttl", self.hb_ttl())?;
         ttl_u32("grant_ttl", self.grant_ttl())?;
@@ -506,6 +570,11 @@ impl PeerConfig {
         c.sync_interval_ms = self.sync_interval().0;
         c.capacity_chunks = self.cache_chunks();
         c.capacity_bytes = self.cache_mem.map(|s| s.0);
+        c.cache_disk = self
+            .cache_disk
+            .iter()
+            .map(|t| (t.path.clone(), t.size.0))
+            .collect();
         c.write_mode = self.write_mode().to_node();
         // Seed example 1: a proxy connects upward when its first child needs
         // the volume, not when it starts.
@@ -585,6 +654,26 @@ mod tests {
         let e = parse("role = \"root\"\nvolume = \"v\"\nlisten = \"x:1\"\norigin = \"/f\"\nhb_ttl = \"2000h\"\n")
             .unwrap_err();
         assert!(e.to_string().contains("hb_ttl"), "{e}");
+    }
+
+    #[test]
+    fn cache_disk_checks() {
+        let base = "role = \"proxy\"\nvolume = \"v\"\nparent = \"x:1\"\nlisten = \"y:2\"\n";
+        let c = parse(&format!("{base}cache_disk = [\"/c/t:2G\"]\n")).unwrap();
+        assert_eq!(c.cache_disk[0].to_string(), "/c/t:2G");
+        for (bad, why) in [
+            ("[\"/c/t\"]", "PATH:SIZE"),
+            ("[\":2G\"]", "empty path"),
+            ("[\"/c/t:2Q\"]", "/c/t:2Q"),
+            ("[\"/c/t:64K\"]", "at least 1M"),
+            ("[\"/c/t:1G\", \"/c/t:2G\"]", "twice"),
+        ] {
+            let e = parse(&format!("{base}cache_disk = {bad}\n")).unwrap_err();
+            assert!(e.to_string().contains(why), "{bad}: {e}");
+        }
+        let e = parse("role = \"root\"\nvolume = \"v\"\nlisten = \"x:1\"\norigin = \"/f\"\ncache_disk = [\"/c:1G\"]\n")
+            .unwrap_err();
+        assert!(e.to_string().contains("`cache_disk` does not apply"), "{e}");
     }
 
     #[test]

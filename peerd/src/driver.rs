@@ -105,7 +105,7 @@ pub enum Readiness {
 }
 
 /// Counters and state, for `stats`.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct PeerStats {
     /// The node's name.
     pub name: String,
@@ -126,6 +126,10 @@ pub struct PeerStats {
     pub node: NodeStats,
     /// Messages that did not decode.
     pub decode_errors: u64,
+    /// The cache stack's tiers and victim repository (a proxy or leaf
+    /// once connected to a volume with data).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<canopy_cache::StackStats>,
 }
 
 /// Which link a reader serves.
@@ -759,6 +763,7 @@ impl NodeTask {
             volume_size: self.node.volume_size(),
             node: self.node.stats().clone(),
             decode_errors: self.decode_errors,
+            cache: self.node.cache_stats(),
         }
     }
 

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
-use canopy_peerd::config::{Millis, PeerConfig, PeerRole, Size, WriteModeSetting};
+use canopy_peerd::config::{DiskTier, Millis, PeerConfig, PeerRole, Size, WriteModeSetting};
 use canopy_peerd::{lines, start_peer, Peer};
 use clap::{Args, Parser, Subcommand};
 use tokio::io::{AsyncWriteExt, BufReader};
@@ -88,14 +88,21 @@ struct Serving {
 /// Settings of a node with a parent.
 #[derive(Args, Debug)]
 struct Caching {
-    /// Chunks with data to keep before giving the least recently used back
-    /// [default: 4096].
+    /// The cache's memory tier, in chunks [default: 4096]. What falls out of
+    /// the tiers beyond the victim repository (an eighth as much again) is
+    /// given back to the parent, oldest first.
     #[arg(long, value_name = "N", conflicts_with = "cache_mem")]
     cache_chunks: Option<usize>,
     /// The same limit in bytes (e.g. 1G), divided by the volume's chunk
     /// size once the root announces it.
     #[arg(long, value_name = "SIZE")]
     cache_mem: Option<Size>,
+    /// A disk tier below the memory tier: a cache file (created at start,
+    /// removed at stop) or block device, and its capacity, e.g.
+    /// /var/cache/canopy/v.cache:10G. Repeat for more tiers; each gets its
+    /// own hash function.
+    #[arg(long, value_name = "PATH:SIZE")]
+    cache_disk: Vec<DiskTier>,
     /// When writes are acknowledged: by the root (sync), the parent
     /// (semi-sync) or this node (async) [default: sync].
     #[arg(long, value_name = "MODE")]
@@ -184,6 +191,7 @@ impl Caching {
     fn apply(self, c: &mut PeerConfig) {
         c.cache_chunks = self.cache_chunks;
         c.cache_mem = self.cache_mem;
+        c.cache_disk = self.cache_disk;
         c.write_mode = self.write_mode;
         c.sync_interval = self.sync_interval;
     }
@@ -350,6 +358,10 @@ mod tests {
             "semi-sync",
             "--sync-interval",
             "30s",
+            "--cache-disk",
+            "/var/cache/canopy/a:10G",
+            "--cache-disk",
+            "/srv/b:c.cache:1M",
             "--name",
             "B",
         ])
@@ -364,12 +376,21 @@ mod tests {
             cache_chunks = 8
             write_mode = "semi-sync"
             sync_interval = "30s"
+            cache_disk = ["/var/cache/canopy/a:10G", "/srv/b:c.cache:1M"]
             name = "B"
             "#,
             std::path::Path::new("t.toml"),
         )
         .unwrap();
         assert_eq!(from_cli, from_file);
+        let disks = from_file.node_config().cache_disk;
+        assert_eq!(
+            disks,
+            vec![
+                ("/var/cache/canopy/a".into(), 10 << 30),
+                ("/srv/b:c.cache".into(), 1 << 20)
+            ]
+        );
     }
 
     #[test]

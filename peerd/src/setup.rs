@@ -54,6 +54,14 @@ pub enum SetupError {
         /// Why.
         source: std::io::Error,
     },
+    /// A disk tier's file cannot be created or written.
+    #[error("cache disk tier {path}: {source}")]
+    CacheDisk {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
     /// A required setting is missing (a config that skipped validation).
     #[error("missing setting: {0}")]
     Missing(&'static str),
@@ -123,10 +131,37 @@ pub fn build_node(cfg: &PeerConfig) -> Result<Node, SetupError> {
             let chunk32 = u32::try_from(chunk).unwrap_or(u32::MAX);
             Node::new_root(ncfg, Some(Box::new(store)), chunk32, size)
         }
-        PeerRole::Proxy | PeerRole::Leaf => Node::new_child(ncfg),
+        PeerRole::Proxy | PeerRole::Leaf => {
+            for t in &cfg.cache_disk {
+                check_disk_tier(&t.path)?;
+            }
+            Node::new_child(ncfg)
+        }
     };
     node.set_push_ahead(cfg.push_ahead.unwrap_or(0));
     Ok(node)
+}
+
+/// The node builds its disk tiers only once the root announces the chunk
+/// size, maybe much later: check now that each file can be created and
+/// written, so a wrong path or permission stops the daemon at start with
+/// its name rather than leaving the node without the tier.
+fn check_disk_tier(path: &std::path::Path) -> Result<(), SetupError> {
+    let existed = path.exists();
+    let err = |source| SetupError::CacheDisk {
+        path: path.to_path_buf(),
+        source,
+    };
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(err)?;
+    if !existed {
+        std::fs::remove_file(path).map_err(err)?;
+    }
+    Ok(())
 }
 
 /// Where `trace_protocol` sends lines: `-` is standard output, except for
@@ -214,5 +249,23 @@ mod tests {
             .err()
             .unwrap();
         assert!(e.to_string().contains("does not exist"), "{e}");
+    }
+
+    #[test]
+    fn a_disk_tier_that_cannot_be_created_stops_the_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = PeerConfig::new(PeerRole::Proxy, "v");
+        cfg.listen = Some("127.0.0.1:0".into());
+        cfg.parent = Some("127.0.0.1:1".into());
+        cfg.cache_disk = vec![crate::config::DiskTier {
+            path: dir.path().join("missing-dir/t.cache"),
+            size: crate::config::Size(1 << 20),
+        }];
+        let e = build_node(&cfg).err().unwrap();
+        assert!(e.to_string().contains("missing-dir/t.cache"), "{e}");
+        // A path that can be created passes, and is not left behind.
+        cfg.cache_disk[0].path = dir.path().join("t.cache");
+        assert!(build_node(&cfg).is_ok());
+        assert!(!dir.path().join("t.cache").exists());
     }
 }

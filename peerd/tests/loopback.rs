@@ -464,3 +464,76 @@ async fn many_concurrent_cold_reads_through_the_root() {
     leaf.shutdown().await;
     root.shutdown().await;
 }
+
+/// The stacked cache as the nodes' store: a proxy with a tiny memory tier
+/// over a disk tier, and an async leaf whose cache holds four chunks, so its
+/// victim cleaner FLUSHes dirty chunks up (giving WRITE back) to make room.
+/// Every byte read back is the last written, and after a clean stop the
+/// origin holds every write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disk_tier_and_victim_cleaner() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = start(root_cfg(dir.path(), None)).await;
+    let mut pc = proxy_cfg(&root, None);
+    pc.cache_chunks = Some(8);
+    let tier = dir.path().join("proxy.cache");
+    pc.cache_disk = vec![canopy_peerd::config::DiskTier {
+        path: tier.clone(),
+        size: Size(1 << 20),
+    }];
+    let proxy = start(pc).await;
+    let mut wc = leaf_cfg("W", &proxy, "vol", None);
+    wc.cache_chunks = Some(4);
+    wc.write_mode = Some(canopy_peerd::config::WriteModeSetting::Async);
+    let writer = start(wc).await;
+    let reader = start(leaf_cfg("R", &proxy, "vol", None)).await;
+    let (hw, hr) = (writer.handle(), reader.handle());
+
+    let chunks = 64u64;
+    for chunk in 0..chunks {
+        let data = pattern(chunk as u8, 512);
+        within("write", hw.write(chunk, 256, data, false))
+            .await
+            .expect("async write");
+    }
+    // The disk tier exists once the proxy knows the chunk size.
+    assert!(tier.exists(), "the proxy's disk tier file");
+    for chunk in 0..chunks {
+        let seen = within("read", hr.read(chunk)).await.expect("read");
+        assert_eq!(
+            &seen[256..768],
+            &pattern(chunk as u8, 512)[..],
+            "chunk {chunk}"
+        );
+        assert!(seen[..256].iter().all(|&b| b == 0));
+    }
+
+    let w = within("writer stats", hw.stats()).await.expect("stats");
+    assert!(
+        w.node.evictions >= chunks - 8,
+        "writer evictions: {}",
+        w.node.evictions
+    );
+    let wc = w.cache.expect("the writer has a cache stack");
+    assert_eq!(wc.tiers.len(), 1);
+    let p = within("proxy stats", proxy.handle().stats())
+        .await
+        .expect("stats");
+    let pcache = p.cache.expect("the proxy has a cache stack");
+    assert_eq!(pcache.tiers.len(), 2);
+    assert_eq!(pcache.tiers[1].medium, "disk");
+    assert!(pcache.tiers[1].demotions > 0, "{:?}", pcache.tiers[1]);
+
+    writer.shutdown().await;
+    reader.shutdown().await;
+    proxy.shutdown().await;
+    root.shutdown().await;
+    for chunk in 0..chunks {
+        assert_eq!(
+            &origin_bytes(dir.path(), chunk, 768)[256..],
+            &pattern(chunk as u8, 512)[..],
+            "origin chunk {chunk}"
+        );
+    }
+    assert!(!tier.exists(), "the disk tier file is removed at stop");
+}

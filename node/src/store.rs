@@ -1,0 +1,203 @@
+//! Where a node keeps chunk contents: the stacked cache (seed 001, "Cache
+//! Implementation"), detached from any backing store.
+//!
+//! The Block Table row says *whether* the node has a chunk's contents
+//! (`Entry::has_data`) and what they mean (permission, dirty); the bytes
+//! live here. A child node's bytes live in a [`CacheStack::detached`]: a
+//! memory tier, optional disk tiers with their own hash functions, and a
+//! victim repository that only the node drains, because a chunk may leave
+//! only after its permission went back to the parent or its writes went up
+//! in a FLUSH ([`crate::Node`]'s `maybe_evict`).
+//!
+//! Bytes the stack cannot hold are kept *loose*, in a map: the root's
+//! transient copies of what its origin holds (the origin is its store), a
+//! dataless lock volume's empty chunks, and a chunk a disk tier refused
+//! (an I/O error), which is then first in line to be given back.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use bytes::{Bytes, BytesMut};
+use canopy_cache::layout::stack_layout;
+use canopy_cache::{CacheError, CacheStack, Detached, StackStats};
+
+/// The chunk store. See the module docs.
+#[derive(Default)]
+pub(crate) struct Store {
+    stack: Option<CacheStack<Detached>>,
+    /// Deterministic order (the simulation replays seeds): a BTreeMap.
+    loose: BTreeMap<u64, Bytes>,
+    /// Tier I/O errors that lost a chunk's bytes or refused them.
+    pub(crate) errors: u64,
+}
+
+impl Store {
+    /// Build the stack for `chunk_size`-byte chunks: `mem_bytes` of memory
+    /// tier and the given disk tiers (file, bytes). Any bytes held so far
+    /// are dropped (there are none before the first CONNECT, and none after
+    /// a parent loss voided every chunk). A stack already built for this
+    /// chunk size is kept.
+    pub(crate) fn build(
+        &mut self,
+        chunk_size: u32,
+        mem_bytes: u64,
+        disks: &[(PathBuf, u64)],
+    ) -> Result<(), CacheError> {
+        if let Some(s) = &self.stack {
+            if s.chunk_size() == chunk_size as usize {
+                return Ok(());
+            }
+        }
+        self.stack = None;
+        self.loose.clear();
+        let cs = chunk_size as usize;
+        let config = stack_layout(cs, mem_bytes, disks, 1)
+            .map_err(|e| CacheError::InvalidConfig(e.to_string()))?;
+        self.stack = Some(CacheStack::detached(config)?);
+        Ok(())
+    }
+
+    /// The chunk's bytes. `promote`: this is an access (a read served, a
+    /// grant made), which moves the chunk up the stack as any hit does;
+    /// otherwise (a FLUSH, an INVALIDATE answer, `inspect`) it stays put.
+    /// `None` if the store does not have it, or a tier's I/O error lost it
+    /// (logged and counted; the chunk is dropped).
+    pub(crate) fn get(&mut self, chunk: u64, promote: bool) -> Option<Bytes> {
+        if let Some(d) = self.loose.get(&chunk) {
+            return Some(d.clone());
+        }
+        let stack = self.stack.as_ref()?;
+        let mut buf = BytesMut::zeroed(stack.chunk_size());
+        let found = if promote {
+            stack.lookup(chunk, &mut buf)
+        } else {
+            stack.peek(chunk, &mut buf).map(|r| r.is_some())
+        };
+        match found {
+            Ok(true) => Some(buf.freeze()),
+            Ok(false) => None,
+            Err(e) => {
+                tracing::error!(chunk, error = %e, "cache tier lost a chunk");
+                self.errors += 1;
+                stack.remove(chunk);
+                None
+            }
+        }
+    }
+
+    /// The chunk's bytes without changing anything (for `inspect`).
+    pub(crate) fn peek(&self, chunk: u64) -> Option<Bytes> {
+        if let Some(d) = self.loose.get(&chunk) {
+            return Some(d.clone());
+        }
+        let stack = self.stack.as_ref()?;
+        let mut buf = BytesMut::zeroed(stack.chunk_size());
+        match stack.peek(chunk, &mut buf) {
+            Ok(Some(_)) => Some(buf.freeze()),
+            _ => None,
+        }
+    }
+
+    /// Store `data` as the chunk's bytes, replacing what was there.
+    pub(crate) fn put(&mut self, chunk: u64, data: Bytes) {
+        if let Some(stack) = &self.stack {
+            if data.len() == stack.chunk_size() {
+                match stack.insert(chunk, &data) {
+                    Ok(()) => {
+                        self.loose.remove(&chunk);
+                        return;
+                    }
+                    Err(e) => {
+                        // Kept loose instead, so nothing is lost; it is
+                        // given back first.
+                        tracing::warn!(chunk, error = %e, "cache tier refused a chunk");
+                        self.errors += 1;
+                        stack.remove(chunk);
+                    }
+                }
+            }
+        }
+        self.loose.insert(chunk, data);
+    }
+
+    /// Drop the chunk's bytes.
+    pub(crate) fn remove(&mut self, chunk: u64) {
+        if self.loose.remove(&chunk).is_none() {
+            if let Some(stack) = &self.stack {
+                stack.remove(chunk);
+            }
+        }
+    }
+
+    /// Remove and return the chunk's bytes (from wherever they are, without
+    /// promoting anything in their place).
+    pub(crate) fn take(&mut self, chunk: u64) -> Option<Bytes> {
+        if let Some(d) = self.loose.remove(&chunk) {
+            return Some(d);
+        }
+        let stack = self.stack.as_ref()?;
+        if let Some(b) = stack.take_victim(chunk) {
+            return Some(Bytes::from(Vec::from(b)));
+        }
+        let d = self.get(chunk, false)?;
+        self.remove(chunk);
+        Some(d)
+    }
+
+    /// What should leave: how many chunks beyond capacity, and the
+    /// candidates in the order to try them. With a stack: loose chunks
+    /// (a tier refused them), then the victim repository oldest first.
+    /// Without one (a dataless volume, whose chunks are empty): loose
+    /// chunks beyond `capacity`, lowest-numbered first.
+    pub(crate) fn overflow(&self, capacity: usize) -> (usize, Vec<u64>) {
+        let excess = match &self.stack {
+            Some(stack) => self.loose.len() + stack.victim_excess(),
+            None => self.loose.len().saturating_sub(capacity),
+        };
+        if excess == 0 {
+            return (0, Vec::new());
+        }
+        let mut v: Vec<u64> = self.loose.keys().copied().collect();
+        if let Some(stack) = &self.stack {
+            v.extend(stack.victims());
+        }
+        (excess, v)
+    }
+
+    /// The stack's statistics.
+    pub(crate) fn stats(&self) -> Option<StackStats> {
+        self.stack.as_ref().map(CacheStack::stats)
+    }
+}
+
+impl crate::Node {
+    /// Build the child's stack once the parent announced the chunk size:
+    /// `capacity_chunks` of memory tier and the configured disk tiers. If
+    /// the disk tiers cannot be made (a daemon checks its paths at start,
+    /// so this is a disk failing meanwhile), memory alone is better than
+    /// refusing the volume; that is logged as an error.
+    pub(crate) fn build_store(&mut self) {
+        let cs = self.chunk_size;
+        if self.is_root() || cs == 0 {
+            return;
+        }
+        let mem = (self.cfg.capacity_chunks as u64).saturating_mul(u64::from(cs));
+        let disks = self.cfg.cache_disk.clone();
+        if let Err(e) = self.store.build(cs, mem, &disks) {
+            tracing::error!(error = %e, "cannot build the cache stack as configured");
+            if disks.is_empty() {
+                return;
+            }
+            if let Err(e) = self.store.build(cs, mem, &[]) {
+                tracing::error!(error = %e, "cannot build a memory-only cache stack either");
+            } else {
+                tracing::error!("serving with the memory tier only");
+            }
+        }
+    }
+
+    /// Statistics of the node's cache stack (a child with a data volume).
+    pub fn cache_stats(&self) -> Option<StackStats> {
+        self.store.stats()
+    }
+}
