@@ -4,7 +4,7 @@
 use canopy_proto::{Message, Opcode, Perm, Status};
 
 use crate::entry::{Entry, UpKind};
-use crate::node::{Node, Outstanding, Upstream};
+use crate::node::{Action, Node, Outstanding, Upstream};
 use crate::Millis;
 
 impl Node {
@@ -38,13 +38,34 @@ impl Node {
     }
 
     /// The transport to the parent failed, or its heartbeat did: everything
-    /// we hold from it is void.
+    /// we hold from it is void, and so is everything our children hold
+    /// from us.
+    ///
+    /// The children's connections are closed too, so that each runs its
+    /// own parent loss. Recalling their grants is not enough: data a child
+    /// handed us (a FLUSH, an INVALIDATE answer) that had not gone further
+    /// up is lost with our permission, and the child, which no longer holds
+    /// it, would otherwise let its next `Sync` claim durability for it (a
+    /// barrier passes through us to the root and succeeds). A child that
+    /// loses its parent marks every write not yet durable as possibly lost
+    /// (`unsynced_lost`), drops what it holds and reconnects. Until the
+    /// seed's recovery (RECOVER) lands, a proxy's parent failure therefore
+    /// restarts its subtree.
     pub fn parent_down(&mut self, now: Millis) {
         if self.is_root() {
             return;
         }
         if self.upstream != Upstream::Down {
             tracing::warn!("parent lost: dropping every chunk held from it");
+        }
+        if matches!(self.upstream, Upstream::Connected { .. }) {
+            let mut children: Vec<_> = self.children.keys().copied().collect();
+            children.sort_unstable();
+            for child in children {
+                tracing::warn!(child, "closing child: our parent was lost");
+                self.actions.push_back(Action::CloseChild(child));
+                self.child_gone(child, now);
+            }
         }
         self.revoke_all();
         self.upstream = Upstream::Down;
@@ -62,6 +83,14 @@ impl Node {
                 self.stats.lost_dirty += 1;
                 tracing::error!(chunk, "unflushed async write lost with the parent");
             }
+            if e.pinned != Perm::No {
+                // The root forgets the grant with us: another node may take
+                // the lock now. Unpinned, and reported to its user.
+                e.pinned = Perm::No;
+                self.stats.locks_lost += 1;
+                self.locks_lost.insert(*chunk);
+                tracing::error!(chunk, "local lock lost with the parent");
+            }
             e.parent_inval.clear();
             let up = e.up.take();
             let from_head = e.queue.front().map(|p| p.from.clone());
@@ -74,7 +103,8 @@ impl Node {
                     e.queue.pop_front();
                 }
             }
-            // Grants we made rest on ours: take them back.
+            // Grants we made rest on ours: take them back (children that
+            // connected while we were not connected hold none).
             let victims: Vec<_> = self.table.get(chunk).map_or(Vec::new(), |e| {
                 e.children
                     .iter()

@@ -29,6 +29,9 @@ pub enum LocalOp {
     /// Take (`Read` shared, `Write` exclusive) or release (`No`) a lock on a
     /// chunk. While held, an INVALIDATE from the parent waits for the release,
     /// which makes LOCK a distributed lock service on a dataless volume.
+    /// If the parent is lost while the lock is held, the root forgets the
+    /// grant (another node may take the lock): the lock's next operation
+    /// (normally its release) fails once with `NoPermission` to say so.
     Lock {
         /// Chunk (lock) number.
         chunk: u64,

@@ -81,6 +81,10 @@ pub struct NodeStats {
     /// Dirty chunks lost: dropped because the parent was lost, or given
     /// up in a FLUSH the parent refused (async writes).
     pub lost_dirty: u64,
+    /// Local locks that were held when the parent was lost (each reported
+    /// to the lock's next operation).
+    #[serde(default)]
+    pub locks_lost: u64,
 }
 
 /// What an XID we sent stands for.
@@ -164,6 +168,10 @@ pub struct Node {
     /// Unsynced chunks whose data may have been lost with a parent: the next
     /// `Sync` on each reports the loss instead of claiming durability.
     pub(crate) unsynced_lost: BTreeSet<u64>,
+    /// Chunks whose local lock was held when the parent was lost: the
+    /// next lock operation on each fails once with NO_PERMISSION, so the
+    /// lock's user learns that its critical section was not protected.
+    pub(crate) locks_lost: BTreeSet<u64>,
     /// Chunks with a published copy (see `view.rs`).
     pub(crate) published: BTreeSet<u64>,
     pub(crate) next_heartbeat: Option<Millis>,
@@ -225,6 +233,7 @@ impl Node {
             dirty: BTreeSet::new(),
             unsynced: BTreeSet::new(),
             unsynced_lost: BTreeSet::new(),
+            locks_lost: BTreeSet::new(),
             published: BTreeSet::new(),
             next_heartbeat: None,
             next_sync: None,
@@ -892,6 +901,26 @@ impl Node {
         // A local lock held by our own user also conflicts with a child.
         if requester.is_some() && e.pinned > target {
             return Step::Wait;
+        }
+        // A sync node hands out no data that is not at the root yet (a
+        // child's sync write on its way up, or a failed one's data returned
+        // in an INVALIDATE answer): it sends it up with FORCE_SYNC first.
+        // Otherwise a reader could see a write that a parent failure then
+        // loses, and a later reader the older value (found by the
+        // simulation breaking proxy links, seed 7664).
+        let serves_data = matches!(req, Req::Read | Req::Grant { lock: false, .. });
+        if serves_data
+            && self.cfg.write_mode == WriteMode::Sync
+            && !self.is_root()
+            && e.dirty
+            && e.held == Perm::Write
+        {
+            let keep = e.held;
+            return if self.flush_up(chunk, true, keep, now) {
+                Step::Wait
+            } else {
+                Step::Done
+            };
         }
 
         match req {

@@ -252,6 +252,10 @@ impl Node {
             self.local_done(id, Err(Status::OutOfRange));
             return;
         }
+        if matches!(op, LocalOp::Lock { .. }) && self.locks_lost.remove(&chunk) {
+            self.local_done(id, Err(Status::NoPermission));
+            return;
+        }
         let sync_mode = self.cfg.write_mode == WriteMode::Sync;
         let req = match op {
             LocalOp::Read { .. } => Req::Read,

@@ -25,11 +25,12 @@
 //! Some seeds serve them at once instead (`Node::serve_origin_read`).
 //!
 //! Link faults: on about 30% of seeds every node writes Sync, and the
-//! scheduler breaks a leaf's link to its parent up to `MAX_BREAKS` times:
-//! both FIFO queues are lost, the leaf gets `parent_down`, the parent
-//! `child_gone`, and some steps later the link comes back as a new
-//! connection (a new `ChildId`, as the driver numbers connections) and the
-//! leaf CONNECTs again. Requests may then fail; a failed write is
+//! scheduler breaks the link of a node below the root to its parent up to
+//! `MAX_BREAKS` times: both FIFO queues are lost, the node gets
+//! `parent_down` (a proxy then closes its own children, which lose their
+//! parents in turn), the parent `child_gone`, and some steps later the link
+//! comes back as a new connection (a new `ChildId`, as the driver numbers
+//! connections) and the node CONNECTs again. Requests may then fail; a failed write is
 //! indeterminate (it may take effect at any later time, and never makes
 //! another value stale), a failed flush claims nothing, and a lock whose
 //! path broke is void (see `check_locks`). At the end every link is up.
@@ -549,14 +550,9 @@ impl Sim {
             }
         }
         if !all && self.faults && self.breaks < MAX_BREAKS && self.frng.below(300) == 0 {
-            // Only a leaf's link by default: a proxy that loses its parent
-            // can still acknowledge a sync FLUSH whose data it dropped (see
-            // `fault_proxies`).
-            let i = if fault_proxies() {
-                1 + self.frng.below(self.nodes.len() as u64 - 1) as usize
-            } else {
-                self.leaves[self.frng.below(self.leaves.len() as u64) as usize]
-            };
+            // Any link below the root: a proxy's too, which then closes
+            // its own children (see `Node::parent_down`).
+            let i = 1 + self.frng.below(self.nodes.len() as u64 - 1) as usize;
             if self.down_until[i].is_none() {
                 self.cut(i, true, true);
             }
@@ -668,13 +664,27 @@ impl Sim {
             );
         }
         match op.kind {
-            // A failed lock op changes nothing (a release never fails).
+            // A release fails exactly when the lock was lost with a broken
+            // path (the node reports the loss to the lock's next op); the
+            // lock is gone either way.
+            OpKind::Lock(Perm::No) => {
+                let void = self.void_locks.contains(&leaf);
+                if op.failed != void {
+                    self.fail(format!(
+                        "op {idx}: release at {} {} although its lock was {}",
+                        self.names[leaf],
+                        if op.failed { "failed" } else { "succeeded" },
+                        if void { "lost" } else { "live" }
+                    ));
+                }
+                self.locks.remove(&leaf);
+                self.void_locks.remove(&leaf);
+                self.check_locks();
+            }
+            // A failed lock op changes nothing.
             OpKind::Lock(_) if op.failed => {}
             OpKind::Lock(p) => {
-                if p == Perm::No {
-                    self.locks.remove(&leaf);
-                    self.void_locks.remove(&leaf);
-                } else {
+                {
                     self.locks.insert(leaf, p);
                     // Granted on a path that broke meanwhile: the grant may
                     // be one the root has already forgotten.
@@ -1083,8 +1093,8 @@ impl Sim {
 
     fn check_locks(&self) {
         // A lock whose path to the root broke while it was held (or being
-        // granted) is void: the node pins it until its user lets go, but
-        // the root forgot the grant with the link, and the user is not told.
+        // granted) is void: the root forgot the grant with the link, and
+        // the user learns it from its release.
         let live: Vec<_> = self
             .locks
             .iter()
@@ -1222,17 +1232,6 @@ impl Sim {
     }
 }
 
-/// `SIM_FAULT_PROXIES=1`: fault seeds also break the links above proxies.
-/// Off by default because the node then breaks its invariants: a proxy
-/// whose parent link broke still stores the dirty data a child hands it
-/// (in an INVALIDATE answer or FLUSH) and keeps it dirty without WRITE
-/// (seeds 17, 138). Dropping that data instead is not enough: the child's
-/// next FORCE_SYNC FLUSH, a barrier without data, then passes up and is
-/// acknowledged although the data never reached the root (seed 138, (iii)).
-fn fault_proxies() -> bool {
-    std::env::var("SIM_FAULT_PROXIES").is_ok_and(|v| v == "1")
-}
-
 /// What a write op writes to `half`, if it writes it.
 fn writes(op: &Op, half: usize) -> Option<u64> {
     match &op.kind {
@@ -1262,6 +1261,8 @@ struct Counts {
     evictions: u64,
     /// Chunks demoted into a disk tier.
     disk_demotions: u64,
+    /// Local locks lost with a broken path (and reported to their release).
+    locks_lost: u64,
 }
 
 fn run_seed(seed: u64, verbose: bool) -> Counts {
@@ -1292,6 +1293,7 @@ fn run_seed(seed: u64, verbose: bool) -> Counts {
             .flat_map(|s| s.tiers.into_iter().skip(1))
             .map(|t| t.demotions)
             .sum(),
+        locks_lost: sim.nodes.iter().map(|n| n.stats().locks_lost).sum(),
     }
 }
 
@@ -1301,8 +1303,8 @@ fn simulation() {
         let seed: u64 = s.parse().expect("SIM_SEED must be a number");
         let c = run_seed(seed, true);
         println!(
-            "seed {seed}: {} ops, {} writes, {} link breaks, {} failed ops, {} evictions, {} disk-tier demotions, all invariants held",
-            c.ops, c.writes, c.breaks, c.failed, c.evictions, c.disk_demotions
+            "seed {seed}: {} ops, {} writes, {} link breaks, {} failed ops, {} evictions, {} disk-tier demotions, {} locks lost, all invariants held",
+            c.ops, c.writes, c.breaks, c.failed, c.evictions, c.disk_demotions, c.locks_lost
         );
         return;
     }
@@ -1322,15 +1324,19 @@ fn simulation() {
         t.failed += c.failed;
         t.evictions += c.evictions;
         t.disk_demotions += c.disk_demotions;
+        t.locks_lost += c.locks_lost;
     }
     println!(
-        "simulation: {seeds} seeds, {} operations, {} link breaks, {} failed operations, {} evictions, {} disk-tier demotions, all invariants held",
-        t.ops, t.breaks, t.failed, t.evictions, t.disk_demotions
+        "simulation: {seeds} seeds, {} operations, {} link breaks, {} failed operations, {} evictions, {} disk-tier demotions, {} locks lost, all invariants held",
+        t.ops, t.breaks, t.failed, t.evictions, t.disk_demotions, t.locks_lost
     );
     // The invariants above held through the victim cleaner and the disk
     // tiers only if the seeds exercised them.
     if seeds >= 100 {
         assert!(t.evictions > 0, "no seed evicted anything");
         assert!(t.disk_demotions > 0, "no seed demoted into a disk tier");
+    }
+    if seeds >= 1000 {
+        assert!(t.locks_lost > 0, "no seed lost a lock with a broken path");
     }
 }

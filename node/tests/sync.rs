@@ -21,11 +21,17 @@ common::topology!(A, B: A, D: B, S: B);
 
 /// The tree with the root writing in `root_mode`, every link up.
 fn tree(root_mode: WriteMode) -> Tree {
+    tree_with(root_mode, WriteMode::Async)
+}
+
+/// The same with the proxy B in `proxy_mode`.
+fn tree_with(root_mode: WriteMode, proxy_mode: WriteMode) -> Tree {
     let mut t = Tree::new(NAMES, PARENT, Mem::new(CHUNK, CHUNKS), |i, role| {
         let mut cfg = NodeConfig::new(role, "vol", 500);
         cfg.connect_lazily = i == B;
         cfg.write_mode = match i {
             A => root_mode,
+            B => proxy_mode,
             D => WriteMode::Async,
             S => WriteMode::SemiSync,
             _ => WriteMode::Async,
@@ -226,6 +232,111 @@ fn sync_without_a_parent_fails_and_a_lost_parent_is_reported_once() {
         Ok(LocalReply::Done)
     );
     assert!(t.nodes[D].unsynced_chunks().is_empty());
+}
+
+/// A proxy that loses its parent while holding a child's dirty data cannot
+/// pass it on, and the child no longer has it. The proxy closes its
+/// children, so the child runs its own parent loss and its next Sync says
+/// the write may be lost, rather than send a barrier that the root would
+/// answer OK for data it never got (found by the simulation with proxy
+/// links breaking, seeds 17 and 138).
+#[test]
+fn a_proxy_losing_its_parent_makes_its_childrens_next_sync_report_the_loss() {
+    let mut t = tree(WriteMode::Sync);
+    let data = [0xD4; CHUNK];
+    t.write(D, 1, 4, 0, &data, 10);
+    // Two sync daemon passes with a write in between: the chunk goes up
+    // to B without FORCE_SYNC, D keeping WRITE since it used it.
+    t.tick(D, &[6_000]);
+    t.write(D, 2, 4, 0, &data, 6_500);
+    t.tick(D, &[12_000]);
+    assert!(!t.nodes[D].inspect(4, 12_000).dirty);
+    assert!(t.nodes[B].inspect(4, 12_000).dirty, "only B has the write");
+    assert_eq!(t.nodes[D].unsynced_chunks(), vec![4]);
+
+    // B's link to A breaks: B closes D too.
+    t.nodes[B].parent_down(13_000);
+    t.drain(B);
+    t.nodes[A].child_gone(B as u64, 13_000);
+    t.drain(A);
+    t.deliver_all(13_000);
+    assert_eq!(t.nodes[D].inspect(4, 13_000).held, Perm::No);
+    assert!(t.nodes[B].inspect(4, 13_000).data.is_none());
+
+    // Everything reconnects; the root never got the write.
+    t.link_up(B, 14_000);
+    t.link_up(D, 14_000);
+    t.deliver_all(14_000);
+    assert_ne!(t.origin.written_chunk(4), data.to_vec());
+    assert_eq!(
+        t.run(D, 3, LocalOp::Sync { chunk: 4 }, 15_000),
+        Err(Status::IoError),
+        "the write is reported lost, not claimed durable"
+    );
+    assert_eq!(
+        t.run(D, 4, LocalOp::Sync { chunk: 4 }, 16_000),
+        Ok(LocalReply::Done)
+    );
+}
+
+/// A sync proxy holding data that is not at the root yet sends it up with
+/// FORCE_SYNC before it lets another child read it: a parent failure could
+/// otherwise lose a write a reader has seen (the simulation's seed 7664).
+/// An async proxy serves it as it is.
+#[test]
+fn a_sync_proxy_syncs_dirty_data_before_another_child_reads_it() {
+    for proxy_mode in [WriteMode::Sync, WriteMode::Async] {
+        let mut t = tree_with(WriteMode::Sync, proxy_mode);
+        let data = [0xE5; CHUNK];
+        t.write(D, 1, 5, 0, &data, 10);
+        // D's sync daemon sends the chunk up without FORCE_SYNC, keeping
+        // WRITE (used since the last pass): B holds it dirty.
+        t.tick(D, &[6_000]);
+        t.write(D, 2, 5, 0, &data, 6_500);
+        t.tick(D, &[12_000]);
+        assert!(t.nodes[B].inspect(5, 12_000).dirty);
+        let syncs = t.origin.syncs();
+
+        let mark = t.log.len();
+        let got = t.run(S, 3, LocalOp::Read { chunk: 5 }, 13_000);
+        assert_eq!(got, Ok(LocalReply::Data(data.to_vec().into())));
+        let flushed_first = t.log[mark..]
+            .iter()
+            .position(|l| l.starts_with("B->A") && l.contains("FORCE_SYNC") && l.contains("DATA="))
+            .zip(t.log[mark..].iter().position(|l| l.starts_with("B->S")));
+        match proxy_mode {
+            WriteMode::Sync => {
+                let (flush, reply) = flushed_first.expect("B synced, then replied");
+                assert!(flush < reply, "{:#?}", &t.log[mark..]);
+                assert_eq!(t.origin.syncs(), syncs + 1);
+                assert_eq!(t.origin.durable_chunk(5), data.to_vec());
+            }
+            _ => {
+                assert!(flushed_first.is_none(), "{:#?}", &t.log[mark..]);
+                assert_eq!(t.origin.syncs(), syncs);
+            }
+        }
+    }
+}
+
+/// A lock held when the parent is lost is void (the root forgot the
+/// grant): its release says so, once.
+#[test]
+fn a_lock_lost_with_the_parent_is_reported_to_its_release() {
+    let mut t = tree(WriteMode::Sync);
+    let lock = |perm| LocalOp::Lock { chunk: 9, perm };
+    t.run_ok(D, 1, lock(Perm::Write), 10);
+    t.nodes[D].parent_down(20);
+    t.drain(D);
+    t.nodes[B].child_gone(D as u64, 20);
+    t.drain(B);
+    t.link_up(D, 30);
+    t.deliver_all(30);
+    assert_eq!(t.nodes[D].stats().locks_lost, 1);
+    assert_eq!(t.run(D, 2, lock(Perm::No), 40), Err(Status::NoPermission));
+    // Reported once: the lock can be taken and released again.
+    t.run_ok(D, 3, lock(Perm::Write), 50);
+    t.run_ok(D, 4, lock(Perm::No), 60);
 }
 
 #[test]

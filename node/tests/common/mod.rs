@@ -213,6 +213,15 @@ impl Tree {
                 // thread, so message order is as with a synchronous origin.
                 // (Tests of their asynchrony drive a lone root instead.)
                 Action::OriginRead { chunk } => self.nodes[i].serve_origin_read(chunk, self.clock),
+                // The connection closes: what is in flight on it is lost,
+                // and the child sees its transport fail.
+                Action::CloseChild(c) => {
+                    let c = c as usize;
+                    self.wire
+                        .retain(|(f, t, _)| !((*f == i && *t == c) || (*f == c && *t == i)));
+                    self.nodes[c].parent_down(self.clock);
+                    self.drain(c);
+                }
                 other => panic!("unexpected {other:?}"),
             }
         }
