@@ -45,6 +45,9 @@ struct AddConfig {
     queues: Option<u16>,
     depth: Option<u16>,
     id: Option<u32>,
+    export_nbd: Option<String>,
+    #[serde(default)]
+    no_device: bool,
 }
 
 /// Errors reading a config file.
@@ -123,6 +126,13 @@ pub fn config_args(path: &Path) -> Result<Vec<String>, ConfigError> {
     if let Some(v) = cfg.id {
         push("id", v.to_string());
     }
+    if let Some(v) = cfg.export_nbd {
+        push("export-nbd", v);
+    }
+    // A switch, not a `--flag value` pair.
+    if cfg.no_device {
+        args.push("--no-device".to_string());
+    }
     Ok(args)
 }
 
@@ -175,6 +185,24 @@ mod tests {
                 "1G"
             ]
         );
+    }
+
+    #[test]
+    fn nbd_keys_become_flags() {
+        let a = args_of("origin = \"/o\"\nexport_nbd = \"unix:/run/v.sock\"\nno_device = true\n")
+            .unwrap();
+        assert_eq!(
+            a,
+            [
+                "--origin",
+                "/o",
+                "--export-nbd",
+                "unix:/run/v.sock",
+                "--no-device"
+            ]
+        );
+        let a = args_of("origin = \"/o\"\nno_device = false\n").unwrap();
+        assert_eq!(a, ["--origin", "/o"]);
     }
 
     #[test]

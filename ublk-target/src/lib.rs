@@ -11,6 +11,8 @@
 //! - [`leaf_device`]: the libublk daemon for such a leaf (`add --parent`).
 //! - [`control`]: the control socket for stats and live reconfiguration.
 //! - [`namespace`]: the daemon's private mount namespace.
+//! - [`nbd`]: the volume exported over NBD (`--export-nbd`), for now
+//!   instead of the device (`--no-device`).
 #![warn(missing_docs)]
 
 pub mod addconfig;
@@ -19,5 +21,6 @@ pub mod device;
 pub mod leaf;
 pub mod leaf_device;
 pub mod namespace;
+pub mod nbd;
 pub mod spec;
 pub mod volume;

@@ -12,6 +12,7 @@ use canopy_peerd::{PeerConfig, PeerRole};
 use canopy_ublk::control::{self, CacheChange, Reply, Report, Request, Served};
 use canopy_ublk::device::{self, ServeOptions, Stored};
 use canopy_ublk::leaf_device::{self, LeafOptions};
+use canopy_ublk::nbd::ExportAddr;
 use canopy_ublk::spec::{cache_layout, VolumeSpec, SPEC_VERSION};
 use canopy_ublk::volume::CacheMode;
 use clap::{Args, Parser, Subcommand};
@@ -146,6 +147,19 @@ struct AddArgs {
     /// Ask for this device id (default: the driver picks one).
     #[arg(long, value_name = "N")]
     id: Option<u32>,
+    /// Export the volume over NBD: `unix:PATH` (a Unix socket, created mode
+    /// 0600) or `tcp:HOST:PORT`. For now only with --no-device. qemu
+    /// attaches to it directly; so do nbd-client, nbdfuse and nbdcopy. NBD
+    /// has no authentication: bind TCP only where every peer may read and
+    /// write the volume.
+    #[arg(long, value_name = "ADDR")]
+    export_nbd: Option<ExportAddr>,
+    /// Make no /dev/ublkbN: serve the volume over the NBD export only.
+    /// Needs neither the ublk driver nor root. Prints the export's NBD URI
+    /// on stdout once clients can connect; SIGINT or SIGTERM lets clients'
+    /// requests in flight finish, writes every dirty chunk back and exits 0.
+    #[arg(long, requires = "export_nbd", conflicts_with = "id")]
+    no_device: bool,
     /// Read the settings from a TOML file whose keys are these options'
     /// long names with `_` for `-` (e.g. `chunk_size = "64K"`, `cache_disk =
     /// ["/c:1G"]`). A setting given both there and as a flag is an error.
@@ -365,21 +379,30 @@ fn add(a: AddArgs) -> Result<()> {
         None if !origin.exists() => return Err(OriginError::Missing(origin.clone()).into()),
         None => {}
     }
-    device::preflight()?;
+    check_nbd_without_device(&a)?;
+    if !a.no_device {
+        device::preflight()?;
+    }
     // Creating (or sizing) the origin up front reports its errors now; the
     // daemon reopens it with the same checks.
     let store = OriginStore::open(&origin, a.size.map(|s| s.0), chunk_size)?;
     drop(store);
     let origin_path = std::fs::canonicalize(&origin)
         .with_context(|| format!("resolving {}", origin.display()))?;
+    let spec = VolumeSpec {
+        canopy: SPEC_VERSION,
+        origin: origin_path,
+        mode: a.cache_mode,
+        cache,
+    };
+    if let (true, Some(addr)) = (a.no_device, &a.export_nbd) {
+        // No device, so no mount of it to isolate from: the namespace
+        // (which needs root) is left alone.
+        return canopy_ublk::nbd::daemon::serve_embedded(&spec, addr);
+    }
     canopy_ublk::namespace::isolate();
     device::serve(ServeOptions {
-        spec: VolumeSpec {
-            canopy: SPEC_VERSION,
-            origin: origin_path,
-            mode: a.cache_mode,
-            cache,
-        },
+        spec,
         id: a.id,
         queues: a.queues,
         depth: a.depth,
@@ -387,8 +410,21 @@ fn add(a: AddArgs) -> Result<()> {
     })
 }
 
+/// The device daemons do not start the NBD export yet: refuse
+/// `--export-nbd` without `--no-device` before anything is made.
+fn check_nbd_without_device(a: &AddArgs) -> Result<()> {
+    if a.export_nbd.is_some() && !a.no_device {
+        bail!(
+            "--export-nbd beside /dev/ublkbN is not available yet (the device daemon \
+             does not start the export); add --no-device to serve the volume over NBD only"
+        );
+    }
+    Ok(())
+}
+
 /// `add --parent`: the device as a leaf of a tree.
 fn add_leaf(a: AddArgs, parent: String) -> Result<()> {
+    check_nbd_without_device(&a)?;
     let volume = a.volume.clone().context("--parent needs --volume NAME")?;
     let mut peer = PeerConfig::new(PeerRole::Leaf, &volume);
     peer.parent = Some(parent);
@@ -397,6 +433,9 @@ fn add_leaf(a: AddArgs, parent: String) -> Result<()> {
     peer.cache_mem = Some(Size(a.cache_mem.0));
     peer.trace_protocol = a.trace_protocol.clone();
     peer.validate("the command line")?;
+    if let (true, Some(addr)) = (a.no_device, &a.export_nbd) {
+        return canopy_ublk::nbd::daemon::serve_leaf(&peer, addr);
+    }
     device::preflight()?;
     canopy_ublk::namespace::isolate();
     leaf_device::serve_leaf(LeafOptions {
