@@ -294,6 +294,26 @@ impl Node {
                 e.dirty = true;
                 self.dirty.insert(chunk);
             }
+            if kind == UpKind::Put && !e.dirty {
+                // The parent may have applied the PUT before failing it (the
+                // root's origin took the data but its fdatasync failed), so
+                // the bytes we and our children hold may be older than what
+                // it serves now: drop ours (the permission stays, as in the
+                // parent's record; the bytes are fetched again when needed)
+                // and recall theirs before anything else is served on the
+                // chunk. A child's dirty data comes back in its answer.
+                let victims: Vec<_> = e
+                    .children
+                    .iter()
+                    .filter(|(c, _)| !e.recall.iter().any(|(r, _)| r == c))
+                    .map(|(c, _)| *c)
+                    .collect();
+                self.revoke(chunk);
+                self.drop_bytes(chunk);
+                if !victims.is_empty() {
+                    self.start_recall(chunk, victims, Perm::No);
+                }
+            }
             let status = m.params.status.unwrap_or(Status::IoError);
             self.fail_head(chunk, status);
             if let Some(e) = self.table.get_mut(&chunk) {

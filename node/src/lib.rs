@@ -20,6 +20,7 @@
 
 mod client;
 mod config;
+mod durable;
 mod entry;
 mod local;
 mod node;

@@ -9,6 +9,7 @@ use canopy_cache::Backing;
 use canopy_proto::{Flags, IoOp, Message, Opcode, Perm, Status};
 
 use crate::config::{NodeConfig, Role, WriteMode};
+use crate::durable::{Durability, Durable};
 use crate::entry::{ChunkView, Entry, Pending, Req, Requester, UpKind};
 use crate::local::{LocalId, LocalReply};
 use crate::store::Store;
@@ -55,6 +56,11 @@ pub enum Action {
         /// Chunk number.
         chunk: u64,
     },
+    /// Root only: fdatasync the origin ([`Node::origin`]) and hand the
+    /// result to [`Node::origin_synced`]. At most one is in flight; it may
+    /// run on another thread while the node serves on. A caller without
+    /// threads can answer at once with [`Node::serve_origin_sync`].
+    OriginSync,
 }
 
 /// Counters, for `stats` and the simulation's checks.
@@ -85,6 +91,10 @@ pub struct NodeStats {
     /// to the lock's next operation).
     #[serde(default)]
     pub locks_lost: u64,
+    /// fdatasyncs of the origin issued (root): fewer than the sync writes
+    /// when several share one.
+    #[serde(default)]
+    pub origin_syncs: u64,
 }
 
 /// What an XID we sent stands for.
@@ -159,6 +169,8 @@ pub struct Node {
     pub(crate) children: HashMap<ChildId, ChildConn>,
     /// The chunks' contents (the stacked cache at a child).
     pub(crate) store: Store,
+    /// The root's writes not yet durable, and its fdatasync in flight.
+    pub(crate) durability: Durability,
     pub(crate) dirty: BTreeSet<u64>,
     /// Chunks with a local write acknowledged but not yet known durable at
     /// the root (see [`Node::unsynced_chunks`]). Kept apart from the rows
@@ -230,6 +242,7 @@ impl Node {
             waiting_local: Vec::new(),
             children: HashMap::new(),
             store: Store::default(),
+            durability: Durability::default(),
             dirty: BTreeSet::new(),
             unsynced: BTreeSet::new(),
             unsynced_lost: BTreeSet::new(),
@@ -617,14 +630,15 @@ impl Node {
     /// Store `data` as the chunk's newest contents at this node: the root
     /// writes its origin, a child marks its copy dirty.
     ///
-    /// At the root the write and any fdatasync still run synchronously on
-    /// the node's thread; only reads go through [`Action::OriginRead`].
-    /// Moving writes off it needs the same wait-and-resume on every path
-    /// that stores (PUT, partial write, a FLUSH applied on arrival, an
-    /// INVALIDATE answer carrying data), and a cold read is all reads. An
+    /// At the root the write itself still runs on the node's thread (a
+    /// pwrite, or an O_DIRECT write); its fdatasync does not: a request
+    /// that needs the chunk durable waits in [`Node::await_durable`] while
+    /// the node serves on. Moving the writes off the thread too needs the
+    /// same wait-and-resume on every path that stores (PUT, partial write,
+    /// a FLUSH applied on arrival, an INVALIDATE answer carrying data). An
     /// origin read of the chunk still in flight is marked stale, since it
     /// may return the contents from before this write.
-    pub(crate) fn store_data(&mut self, chunk: u64, data: Bytes, sync: bool) -> Result<(), Status> {
+    pub(crate) fn store_data(&mut self, chunk: u64, data: Bytes) -> Result<(), Status> {
         if self.is_root() {
             if let Some(origin) = self.origin.clone() {
                 let written = origin.write_chunk(chunk, &data);
@@ -646,14 +660,7 @@ impl Node {
                     tracing::error!(chunk, error = %e, "origin write failed");
                     return Err(Status::IoError);
                 }
-                if sync {
-                    if let Err(e) = origin.sync() {
-                        tracing::error!(error = %e, "origin sync failed");
-                        return Err(Status::IoError);
-                    }
-                    // fdatasync covers every chunk written before it.
-                    self.unsynced.clear();
-                }
+                self.note_origin_write(chunk);
             }
             return Ok(());
         }
@@ -661,21 +668,6 @@ impl Node {
             e.dirty = true;
             self.dirty.insert(chunk);
             self.set_bytes(chunk, data);
-        }
-        Ok(())
-    }
-
-    pub(crate) fn origin_sync(&mut self) -> Result<(), Status> {
-        if let Some(origin) = self.origin.as_ref() {
-            if let Err(e) = origin.sync() {
-                tracing::error!(error = %e, "origin sync failed");
-                return Err(Status::IoError);
-            }
-        }
-        // fdatasync covers every chunk written before it (only the root has
-        // an origin; a child's set is cleared per chunk by a sync FLUSH).
-        if self.is_root() {
-            self.unsynced.clear();
         }
         Ok(())
     }
@@ -1200,7 +1192,7 @@ impl Node {
                 Req::Write { offset, data, .. } => self.merge(chunk, *offset, data),
                 _ => Ok(Bytes::new()),
             };
-            let stored = new.and_then(|d| self.store_data(chunk, d, sync));
+            let stored = new.and_then(|d| self.store_data(chunk, d));
             if let Err(s) = stored {
                 self.answer(from, Err(s));
                 return Step::Done;
@@ -1292,8 +1284,23 @@ impl Node {
         true
     }
 
-    /// Reply to a write whose data is where its mode needs it.
+    /// Reply to a write whose data is where its mode needs it: at the
+    /// root, a sync write waits until the origin has it durably.
     fn finish_write(&mut self, chunk: u64, from: &Requester, req: &Req, now: Millis) -> Step {
+        let sync = matches!(
+            req,
+            Req::Put { sync: true, .. } | Req::Write { sync: true, .. }
+        );
+        if sync && self.is_root() {
+            match self.await_durable(chunk) {
+                Durable::Ready => {}
+                Durable::Wait => return Step::Wait,
+                Durable::Failed => {
+                    self.answer(from, Err(Status::IoError));
+                    return Step::Done;
+                }
+            }
+        }
         match *from {
             Requester::Local(id) => {
                 if matches!(req, Req::Write { sync: true, .. }) {
@@ -1361,8 +1368,19 @@ impl Node {
         propagated: bool,
     ) -> Step {
         if self.is_root() {
-            let r = if sync { self.origin_sync() } else { Ok(()) };
-            self.answer(from, r.map(|()| LocalReply::Done));
+            if sync {
+                match self.await_durable(chunk) {
+                    Durable::Wait => return Step::Wait,
+                    Durable::Failed => {
+                        self.answer(from, Err(Status::IoError));
+                        return Step::Done;
+                    }
+                    Durable::Ready => {
+                        self.unsynced.remove(&chunk);
+                    }
+                }
+            }
+            self.answer(from, Ok(LocalReply::Done));
             return Step::Done;
         }
         if propagated && sync {

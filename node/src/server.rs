@@ -253,7 +253,7 @@ impl Node {
                     "FLUSH data superseded by a newer full-chunk write"
                 );
             } else if record == Perm::Write {
-                if let Err(s) = self.store_data(chunk, d, false) {
+                if let Err(s) = self.store_data(chunk, d) {
                     self.send_child(child, Message::err_reply(xid, s));
                     return None;
                 }
@@ -334,7 +334,7 @@ impl Node {
                     "recalled data superseded by a newer full-chunk write"
                 );
             } else if d.len() == self.chunk_size as usize {
-                let _ = self.store_data(chunk, d, false);
+                let _ = self.store_data(chunk, d);
             } else {
                 tracing::warn!(
                     child,

@@ -39,7 +39,7 @@
 //! 3000); `SIM_SEED=S` replays one
 //! seed and prints its trace. A failure names its seed.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -193,6 +193,9 @@ struct Sim {
     /// The root's origin reads in flight: the chunk, and its contents if
     /// read when asked (otherwise read when completed).
     loads: Vec<(u64, Option<Bytes>)>,
+    /// The root's fdatasync in flight: what the origin had written when it
+    /// was issued, which is all it makes durable.
+    syncing: Option<Vec<u8>>,
     /// This seed serves origin reads at once, on the root's thread.
     inline_loads: bool,
     /// Each node's published copies (`Action::Publish`/`Revoke`): chunk →
@@ -221,9 +224,12 @@ struct Sim {
     path_breaks: Vec<u64>,
     /// `path_breaks` of a lock op's leaf when it started.
     lock_epoch: HashMap<usize, u64>,
-    /// Leaves whose lock (still in `locks`, still pinned at the leaf) lost
-    /// its path to the root: no longer counted for mutual exclusion.
-    void_locks: HashSet<usize>,
+    /// Leaves whose lock (still in `locks`) may have lost its path to the
+    /// root: no longer counted for mutual exclusion. `true`: the path broke
+    /// while the lock was held, so the node must report the loss; `false`:
+    /// it broke while the lock was being granted, and the grant may have
+    /// come over the new path (valid) or not.
+    void_locks: HashMap<usize, bool>,
     /// Holds the disk tiers' files while the nodes run.
     _cache_dir: Option<tempfile::TempDir>,
 }
@@ -235,6 +241,8 @@ enum Work {
     Link(usize, bool),
     /// Complete the root's origin read number k.
     Load(usize),
+    /// Complete the root's fdatasync.
+    Sync,
 }
 
 impl Sim {
@@ -332,6 +340,7 @@ impl Sim {
             verbose,
             modes,
             loads: Vec::new(),
+            syncing: None,
             inline_loads,
             views: vec![HashMap::new(); count],
             publishing,
@@ -344,7 +353,7 @@ impl Sim {
             breaks: 0,
             path_breaks: vec![0; count],
             lock_epoch: HashMap::new(),
-            void_locks: HashSet::new(),
+            void_locks: HashMap::new(),
             _cache_dir: cache_dir,
         };
         for i in 1..count {
@@ -448,6 +457,22 @@ impl Sim {
                     }
                     self.views[i].remove(&chunk);
                 }
+                Action::OriginSync => {
+                    if self.parent[i].is_some() {
+                        self.fail(format!("{} is no root but synced an origin", self.names[i]));
+                    }
+                    if self.syncing.is_some() {
+                        self.fail("second origin fdatasync in flight".into());
+                    }
+                    if self.verbose {
+                        println!("{:>5} {} origin fdatasync", self.step, self.names[i]);
+                    }
+                    if self.inline_loads {
+                        self.nodes[i].serve_origin_sync(self.now);
+                    } else {
+                        self.syncing = Some(self.origin.written.lock().unwrap().clone());
+                    }
+                }
                 Action::OriginRead { chunk } => {
                     if self.verbose {
                         println!("{:>5} {} origin read {chunk}", self.step, self.names[i]);
@@ -506,7 +531,7 @@ impl Sim {
             if self.under(j, i) {
                 self.path_breaks[j] += 1;
                 if self.locks.contains_key(&j) {
-                    self.void_locks.insert(j);
+                    self.void_locks.insert(j, true);
                 }
             }
         }
@@ -566,6 +591,35 @@ impl Sim {
             self.fail(format!("origin read of chunk {chunk}: {e}"));
         }
         Bytes::from(buf)
+    }
+
+    /// Complete the root's fdatasync: what was written when it was issued
+    /// becomes durable. On fault seeds one in ten fails (nothing becomes
+    /// durable, and the requests waiting for it fail).
+    fn complete_sync(&mut self) {
+        let Some(snapshot) = self.syncing.take() else {
+            return;
+        };
+        let fails = self.faults && self.frng.below(10) == 0;
+        if self.verbose {
+            println!(
+                "{:>5} A origin fdatasync {}",
+                self.step,
+                if fails { "fails" } else { "done" }
+            );
+        }
+        let r = if fails {
+            Err(canopy_proto::Status::IoError)
+        } else {
+            self.origin
+                .durable
+                .lock()
+                .unwrap()
+                .copy_from_slice(&snapshot);
+            Ok(())
+        };
+        self.nodes[0].origin_synced(r, self.now);
+        self.drain(0);
     }
 
     /// Complete the root's origin read number `k`.
@@ -664,17 +718,18 @@ impl Sim {
             );
         }
         match op.kind {
-            // A release fails exactly when the lock was lost with a broken
-            // path (the node reports the loss to the lock's next op); the
-            // lock is gone either way.
+            // A release fails when the lock was lost with a path that broke
+            // while it was held (the node reports the loss to the lock's next
+            // op), and never for a live lock; the lock is gone either way.
             OpKind::Lock(Perm::No) => {
-                let void = self.void_locks.contains(&leaf);
-                if op.failed != void {
+                let must = self.void_locks.get(&leaf) == Some(&true);
+                let may = self.void_locks.contains_key(&leaf);
+                if (op.failed && !may) || (!op.failed && must) {
                     self.fail(format!(
                         "op {idx}: release at {} {} although its lock was {}",
                         self.names[leaf],
                         if op.failed { "failed" } else { "succeeded" },
-                        if void { "lost" } else { "live" }
+                        if must { "lost" } else { "live" }
                     ));
                 }
                 self.locks.remove(&leaf);
@@ -689,7 +744,7 @@ impl Sim {
                     // Granted on a path that broke meanwhile: the grant may
                     // be one the root has already forgotten.
                     if self.lock_epoch.get(&idx) != Some(&self.path_breaks[leaf]) {
-                        self.void_locks.insert(leaf);
+                        self.void_locks.entry(leaf).or_insert(false);
                     }
                 }
                 self.check_locks();
@@ -957,6 +1012,9 @@ impl Sim {
             }
         }
         v.extend((0..self.loads.len()).map(Work::Load));
+        if self.syncing.is_some() {
+            v.push(Work::Sync);
+        }
         v
     }
 
@@ -964,6 +1022,7 @@ impl Sim {
         match w {
             Work::Link(i, upward) => self.deliver(i, upward),
             Work::Load(k) => self.complete_load(k),
+            Work::Sync => self.complete_sync(),
         }
     }
 
@@ -1098,7 +1157,7 @@ impl Sim {
         let live: Vec<_> = self
             .locks
             .iter()
-            .filter(|(l, _)| !self.void_locks.contains(l))
+            .filter(|(l, _)| !self.void_locks.contains_key(l))
             .collect();
         let writers = live.iter().filter(|(_, p)| **p == Perm::Write).count();
         if writers > 1 || (writers == 1 && live.len() > 1) {

@@ -13,8 +13,10 @@
 //! - at the root, origin reads ([`Action::OriginRead`]) run on tokio's
 //!   blocking threads, at most `ORIGIN_READS` at a time, and come back on
 //!   a channel of their own, so the disk sees many requests at once and the
-//!   node keeps serving other chunks while one waits. Origin writes and
-//!   fdatasync still run inside the node task (see `Node::store_data`).
+//!   node keeps serving other chunks while one waits. Its fdatasync
+//!   ([`Action::OriginSync`], one at a time, covering every write before
+//!   it: group commit) runs there too. Origin writes themselves still run
+//!   inside the node task (see `Node::store_data`).
 //!
 //! The event channel is bounded so that a node that falls behind slows its
 //! readers, and through them TCP, instead of queueing without limit. The
@@ -364,12 +366,15 @@ pub fn start(node: Node, opts: DriverOptions) -> Peer {
         .map(|addr| tokio::spawn(parent_loop(addr, events_tx.clone(), reset_rx)));
     let lazy = node.config().connect_lazily;
     let (done_tx, done_rx) = mpsc::unbounded_channel();
+    let (synced_tx, synced_rx) = mpsc::unbounded_channel();
     let reads = OriginReads {
         origin: node.origin(),
         in_flight: 0,
         backlog: VecDeque::new(),
         done_tx,
         done_rx,
+        synced_tx,
+        synced_rx,
     };
     let task = NodeTask {
         node,
@@ -406,7 +411,7 @@ type OriginDone = (u64, Result<Bytes, Status>);
 
 /// The root's origin reads (see [`ORIGIN_READS`]).
 struct OriginReads {
-    /// Shared with the node, which writes and syncs it in its own task.
+    /// Shared with the node, which writes it in its own task.
     origin: Option<Arc<dyn Backing>>,
     /// Reads running on blocking threads.
     in_flight: usize,
@@ -417,6 +422,10 @@ struct OriginReads {
     /// outstanding.
     done_tx: mpsc::UnboundedSender<OriginDone>,
     done_rx: mpsc::UnboundedReceiver<OriginDone>,
+    /// fdatasync completions ([`Action::OriginSync`]); the node keeps at
+    /// most one in flight.
+    synced_tx: mpsc::UnboundedSender<Result<(), Status>>,
+    synced_rx: mpsc::UnboundedReceiver<Result<(), Status>>,
 }
 
 /// The task that owns the node.
@@ -484,6 +493,11 @@ impl NodeTask {
                         releasing = Some(Instant::now() + RELEASE_WAIT);
                         continue;
                     }
+                }
+                // Before new requests: an fdatasync completion answers the
+                // sync writes and barriers that waited for it.
+                Some(r) = self.reads.synced_rx.recv() => {
+                    self.node.origin_synced(r, self.now());
                 }
                 // Before new requests: a completion frees a read slot and
                 // answers requests that already waited.
@@ -662,6 +676,7 @@ impl NodeTask {
                         v.revoke(chunk);
                     }
                 }
+                Action::OriginSync => self.spawn_origin_sync(),
                 Action::OriginRead { chunk } => {
                     if self.reads.in_flight < ORIGIN_READS {
                         self.spawn_origin_read(chunk);
@@ -672,6 +687,34 @@ impl NodeTask {
             }
         }
         self.update_readiness(None);
+    }
+
+    /// fdatasync the origin on a blocking thread, so the node serves on
+    /// meanwhile; the result comes back on `reads.synced_rx`.
+    fn spawn_origin_sync(&mut self) {
+        let Some(origin) = self.reads.origin.clone() else {
+            // Nothing to make durable.
+            let now = self.now();
+            self.node.origin_synced(Ok(()), now);
+            return;
+        };
+        let done = self.reads.synced_tx.clone();
+        let sync = tokio::task::spawn_blocking(move || {
+            origin.sync().map_err(|e| {
+                tracing::error!(error = %e, "origin fdatasync failed");
+                Status::IoError
+            })
+        });
+        // Awaited on a task of its own so that a panicking sync still
+        // answers (with an error) the requests waiting for it.
+        tokio::spawn(async move {
+            let r = sync.await.unwrap_or_else(|e| {
+                tracing::error!(error = %e, "origin fdatasync task failed");
+                Err(Status::IoError)
+            });
+            // The node task may have stopped; then nobody waits.
+            let _ = done.send(r);
+        });
     }
 
     /// Read `chunk` from the origin on a blocking thread; the result comes

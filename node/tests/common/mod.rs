@@ -213,6 +213,7 @@ impl Tree {
                 // thread, so message order is as with a synchronous origin.
                 // (Tests of their asynchrony drive a lone root instead.)
                 Action::OriginRead { chunk } => self.nodes[i].serve_origin_read(chunk, self.clock),
+                Action::OriginSync => self.nodes[i].serve_origin_sync(self.clock),
                 // The connection closes: what is in flight on it is lost,
                 // and the child sees its transport fail.
                 Action::CloseChild(c) => {

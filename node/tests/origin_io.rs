@@ -1,8 +1,14 @@
-//! The root's asynchronous origin reads, driven by hand: children's GETs
-//! become `Action::OriginRead`s, one per chunk however many wait, the
-//! replies follow the completions in whatever order they come, a failed
-//! read fails only the requests waiting for it, and a read overtaken by a
-//! write is never served.
+//! The root's asynchronous origin I/O, driven by hand.
+//!
+//! Reads: children's GETs become `Action::OriginRead`s, one per chunk
+//! however many wait, the replies follow the completions in whatever order
+//! they come, a failed read fails only the requests waiting for it, and a
+//! read overtaken by a write is never served.
+//!
+//! fdatasync (group commit): sync writes wait for an `Action::OriginSync`
+//! that covers them, one in flight at a time; writes arriving while it
+//! runs share the next one; a failed one fails only the requests it was
+//! meant to cover, and a later barrier tries again.
 
 mod common;
 
@@ -186,6 +192,12 @@ fn a_read_overtaken_by_a_write_is_not_served() {
 
     let put = request(IoOp::Put, 11, 1, Perm::Write, Some(chunk_of(0xAA)));
     n.handle_child(2, put, 2);
+    // A sync connection's PUT is answered once the origin's fdatasync,
+    // run off the node's thread, has completed.
+    let a = drain(&mut n);
+    assert!(a.contains(&Action::OriginSync), "{a:?}");
+    assert_eq!(replies(&a), vec![]);
+    n.serve_origin_sync(2);
     let a = drain(&mut n);
     assert_eq!(replies(&a), vec![(2, 11, Opcode::OkReply, None)]);
 
@@ -213,4 +225,90 @@ fn a_read_overtaken_by_a_write_is_not_served() {
         replies(&drain(&mut n)),
         vec![(3, 12, Opcode::OkReply, Some(0xAA))]
     );
+}
+
+fn sync_put(n: &mut Node, child: u64, xid: u32, chunk: u64, byte: u8) -> Vec<Action> {
+    let mut m = request(IoOp::Put, xid, chunk, Perm::Write, Some(chunk_of(byte)));
+    m.header.flags = m.header.flags.with(canopy_proto::Flags::FORCE_SYNC);
+    n.handle_child(child, m, 1);
+    drain(n)
+}
+
+fn syncs(actions: &[Action]) -> usize {
+    actions.iter().filter(|a| **a == Action::OriginSync).count()
+}
+
+#[test]
+fn sync_writes_share_fdatasyncs() {
+    let (mut n, origin) = root(0);
+    // The first sync write starts an fdatasync and waits for it.
+    let a = sync_put(&mut n, 1, 10, 0, 0xA0);
+    assert_eq!(syncs(&a), 1);
+    assert_eq!(replies(&a), vec![]);
+    // Two more arrive while it runs: written, but not covered by it.
+    let a = sync_put(&mut n, 2, 11, 1, 0xA1);
+    let b = sync_put(&mut n, 3, 12, 2, 0xA2);
+    assert_eq!(
+        syncs(&a) + syncs(&b),
+        0,
+        "one fdatasync in flight at a time"
+    );
+    assert_eq!(replies(&a).len() + replies(&b).len(), 0);
+    assert_eq!(origin.written_chunk(2), vec![0xA2; CHUNK]);
+
+    // The first completes: its writer is answered, and one more fdatasync
+    // covers both of the others.
+    n.serve_origin_sync(2);
+    let a = drain(&mut n);
+    assert_eq!(replies(&a), vec![(1, 10, Opcode::OkReply, None)]);
+    assert_eq!(syncs(&a), 1);
+    n.serve_origin_sync(3);
+    let mut r = replies(&drain(&mut n));
+    r.sort_unstable_by_key(|(c, x, _, _)| (*c, *x));
+    assert_eq!(
+        r,
+        vec![
+            (2, 11, Opcode::OkReply, None),
+            (3, 12, Opcode::OkReply, None)
+        ]
+    );
+    assert_eq!(n.stats().origin_syncs, 2);
+    assert_eq!(origin.durable_chunk(1), vec![0xA1; CHUNK]);
+
+    // A barrier on a chunk with nothing pending needs no fdatasync.
+    let mut barrier = request(IoOp::Flush, 13, 1, Perm::No, None);
+    barrier.header.flags = barrier.header.flags.with(canopy_proto::Flags::FORCE_SYNC);
+    n.handle_child(2, barrier, 4);
+    let a = drain(&mut n);
+    assert_eq!(syncs(&a), 0);
+    assert_eq!(replies(&a), vec![(2, 13, Opcode::OkReply, None)]);
+}
+
+#[test]
+fn a_failed_fdatasync_fails_what_it_covered_and_a_barrier_retries() {
+    let (mut n, origin) = root(0);
+    let a = sync_put(&mut n, 1, 10, 3, 0xB3);
+    assert_eq!(syncs(&a), 1);
+    n.origin_synced(Err(Status::IoError), 2);
+    let a = drain(&mut n);
+    assert_eq!(
+        replies(&a)
+            .into_iter()
+            .map(|(c, x, op, _)| (c, x, op))
+            .collect::<Vec<_>>(),
+        vec![(1, 10, Opcode::ErrReply)]
+    );
+    assert_ne!(origin.durable_chunk(3), vec![0xB3; CHUNK]);
+    // The write is still pending: a FORCE_SYNC barrier makes it durable.
+    let mut barrier = request(IoOp::Flush, 11, 3, Perm::No, None);
+    barrier.header.flags = barrier.header.flags.with(canopy_proto::Flags::FORCE_SYNC);
+    n.handle_child(1, barrier, 3);
+    let a = drain(&mut n);
+    assert_eq!(syncs(&a), 1);
+    n.serve_origin_sync(4);
+    assert_eq!(
+        replies(&drain(&mut n)),
+        vec![(1, 11, Opcode::OkReply, None)]
+    );
+    assert_eq!(origin.durable_chunk(3), vec![0xB3; CHUNK]);
 }

@@ -1,0 +1,137 @@
+//! The root's group commit: fdatasync runs off the node's thread, one at a
+//! time, and each covers every origin write completed before it started.
+//!
+//! A request that needs a chunk durable (a sync write, a FORCE_SYNC FLUSH
+//! barrier) asks [`Node::await_durable`]: ready at once if the chunk has no
+//! write not yet covered by a completed fdatasync; otherwise the row waits,
+//! an [`Action::OriginSync`] is issued if none is in flight, and
+//! [`Node::origin_synced`] re-runs the waiting rows when it completes. Many
+//! sync writers arriving while one fdatasync runs are all covered by the
+//! next one, so the node task never blocks on a disk flush and a burst of
+//! sync writes costs two fdatasyncs, not one each.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use canopy_proto::Status;
+
+use crate::node::{Action, Node};
+use crate::Millis;
+
+/// Chunks pending durability beyond which an fdatasync is issued anyway.
+const PENDING_TRIM: usize = 4096;
+
+/// The root's durability bookkeeping.
+#[derive(Debug, Default)]
+pub(crate) struct Durability {
+    /// Origin writes completed so far: each gets the next number.
+    written: u64,
+    /// Chunks with a write not known durable: the number of the last one.
+    pending: BTreeMap<u64, u64>,
+    /// The fdatasync in flight covers writes up to this number.
+    in_flight: Option<u64>,
+    /// Chunks whose head request waits for durability.
+    waiters: BTreeSet<u64>,
+    /// Chunks whose waiting request must fail once: the fdatasync meant to
+    /// cover them failed.
+    failed: BTreeSet<u64>,
+}
+
+/// Whether a chunk's writes are durable ([`Node::await_durable`]).
+pub(crate) enum Durable {
+    /// Durable (or nothing was written).
+    Ready,
+    /// An fdatasync covering them is in flight or issued; the row is re-run
+    /// when it completes.
+    Wait,
+    /// The fdatasync that should have covered them failed.
+    Failed,
+}
+
+impl Node {
+    /// The origin has just written `chunk` (not yet durable).
+    pub(crate) fn note_origin_write(&mut self, chunk: u64) {
+        let d = &mut self.durability;
+        d.written += 1;
+        d.pending.insert(chunk, d.written);
+        // Children that never ask for durability (async trees) would let
+        // the map grow with every chunk written: an fdatasync nobody waits
+        // for trims it.
+        if d.pending.len() >= PENDING_TRIM && d.in_flight.is_none() {
+            self.issue_origin_sync();
+        }
+    }
+
+    /// Whether every write of `chunk` so far is durable; if not, the head
+    /// request on its row waits for the fdatasync this issues or joins.
+    pub(crate) fn await_durable(&mut self, chunk: u64) -> Durable {
+        let d = &mut self.durability;
+        if d.failed.remove(&chunk) {
+            return Durable::Failed;
+        }
+        if !d.pending.contains_key(&chunk) {
+            return Durable::Ready;
+        }
+        d.waiters.insert(chunk);
+        // One in flight that started before this write is followed by
+        // another once it completes (see `origin_synced`).
+        if d.in_flight.is_none() {
+            self.issue_origin_sync();
+        }
+        Durable::Wait
+    }
+
+    fn issue_origin_sync(&mut self) {
+        self.durability.in_flight = Some(self.durability.written);
+        self.stats.origin_syncs += 1;
+        self.actions.push_back(Action::OriginSync);
+    }
+
+    /// The fdatasync that [`Action::OriginSync`] asked for completed (root
+    /// only). On success every write completed before it was issued is
+    /// durable; on failure the requests waiting for them fail (their
+    /// writes stay pending, so a later barrier tries again). Either way
+    /// the waiting rows run again, and another fdatasync is issued if some
+    /// still wait for writes it did not cover.
+    pub fn origin_synced(&mut self, result: Result<(), Status>, now: Millis) {
+        let Some(covered) = self.durability.in_flight.take() else {
+            tracing::debug!("origin sync completed but none was in flight");
+            return;
+        };
+        let d = &mut self.durability;
+        match result {
+            Ok(()) => {
+                d.pending.retain(|_, seq| *seq > covered);
+                // The root's own acknowledged writes (async mode) are
+                // durable once their chunk has nothing pending.
+                let pending = &d.pending;
+                self.unsynced.retain(|c| pending.contains_key(c));
+            }
+            Err(s) => {
+                tracing::error!(status = %s, "origin fdatasync failed");
+                for &chunk in &d.waiters {
+                    if d.pending.get(&chunk).is_some_and(|seq| *seq <= covered) {
+                        d.failed.insert(chunk);
+                    }
+                }
+            }
+        }
+        let waiters = std::mem::take(&mut self.durability.waiters);
+        for chunk in waiters {
+            self.run(chunk, now);
+        }
+    }
+
+    /// Serve an [`Action::OriginSync`] on the caller's thread (tests and
+    /// drivers without threads): fdatasync the origin, then
+    /// [`Node::origin_synced`].
+    pub fn serve_origin_sync(&mut self, now: Millis) {
+        let result = match self.origin.as_ref() {
+            Some(origin) => origin.sync().map_err(|e| {
+                tracing::error!(error = %e, "origin sync failed");
+                Status::IoError
+            }),
+            None => Ok(()),
+        };
+        self.origin_synced(result, now);
+    }
+}
