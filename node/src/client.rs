@@ -134,6 +134,18 @@ impl Node {
         if self.is_root() {
             return;
         }
+        // Anything the parent sends shows it alive, not only a HEARTBEAT
+        // reply: under a bulk transfer a heartbeat can wait behind many
+        // chunks in the same stream for longer than HB_TTL (a slow VM
+        // writing a filesystem through a proxy with a disk tier did).
+        if let Upstream::Connected {
+            deadline,
+            hb_ttl_ms,
+            ..
+        } = &mut self.upstream
+        {
+            *deadline = (*deadline).max(now + u64::from(*hb_ttl_ms));
+        }
         if let Some(chunk) = m.params.block_num {
             self.revoke(chunk);
         }
