@@ -41,6 +41,8 @@ pub struct ServeOptions {
     pub depth: u16,
     /// Re-attach to a device whose daemon died instead of adding one.
     pub recover: bool,
+    /// Also export the volume over NBD there (`add --export-nbd`).
+    pub nbd: Option<crate::nbd::ExportAddr>,
 }
 
 /// Check what the kernel side needs before touching anything, so each
@@ -71,6 +73,13 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
     );
     let _cleaner = cache.spawn_cleaner(Duration::from_millis(50));
     let volume = Arc::new(Volume::new(cache, spec.mode));
+    // Before the device: a bad address stops `add` before /dev/ublkbN exists.
+    let nbd = opts
+        .nbd
+        .as_ref()
+        .map(|addr| crate::nbd::NbdServer::start(addr, volume.clone()))
+        .transpose()
+        .context("starting the NBD export")?;
 
     // USER_RECOVERY keeps /dev/ublkbN alive when the daemon dies, so
     // `recover` can re-attach. REISSUE replays the requests that were in
@@ -94,6 +103,11 @@ pub fn serve(opts: ServeOptions) -> Result<()> {
     ctrl.run_target(target_init(size, spec_json), q_fn, announce(bdev.clone()))
         .map_err(|e| anyhow::anyhow!("running the ublk device: {e}"))?;
 
+    // NBD clients next (their requests in flight are answered), so that no
+    // write can arrive after the final flush.
+    if let Some(nbd) = nbd {
+        nbd.stop();
+    }
     // The queues are gone. Write back what is still dirty before the device
     // (and the only other copy of that data) goes away.
     volume

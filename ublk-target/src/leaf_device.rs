@@ -51,6 +51,8 @@ pub struct LeafOptions {
     pub queues: u16,
     /// Requests in flight per queue.
     pub depth: u16,
+    /// Also export the volume over NBD there (`add --export-nbd`).
+    pub nbd: Option<crate::nbd::ExportAddr>,
 }
 
 /// What a leaf device stores in libublk's per-device JSON, so `list` can
@@ -100,6 +102,15 @@ pub fn serve_leaf(opts: LeafOptions) -> Result<()> {
         chunk_size,
         usize::from(opts.queues),
     ));
+    let nbd = opts
+        .nbd
+        .as_ref()
+        .map(|addr| {
+            let backend = crate::nbd::tree::TreeBackend::new(leaf.clone(), rt.handle().clone());
+            crate::nbd::NbdServer::start(addr, Arc::new(backend))
+        })
+        .transpose()
+        .context("starting the NBD export")?;
 
     // No USER_RECOVERY: a restarted leaf is a new node of the tree (its
     // grants died with it), so there is nothing for `recover` to re-attach.
@@ -128,6 +139,10 @@ pub fn serve_leaf(opts: LeafOptions) -> Result<()> {
     ctrl.run_target(target_init(size, spec_json), q_fn, announce(bdev.clone()))
         .map_err(|e| anyhow::anyhow!("running the ublk device: {e}"))?;
 
+    // NBD clients next, so that the final flush covers all they wrote.
+    if let Some(nbd) = nbd {
+        nbd.stop();
+    }
     // The queues are gone: what they acknowledged goes up before the node
     // stops (the driver's stop gives every chunk back, sending dirty ones).
     let flushed =

@@ -97,7 +97,7 @@ struct AddArgs {
     /// Serve a volume of a canopy tree instead of a local origin: the
     /// parent (a root or proxy's listen address, HOST:PORT) that chunks
     /// come from. The device's size and chunk size are the root's.
-    #[arg(long, value_name = "ADDR", conflicts_with_all = ["origin", "size", "cache_disk", "cache_mode"],
+    #[arg(long, value_name = "ADDR", conflicts_with_all = ["origin", "size", "cache_mode"],
           requires = "volume")]
     parent: Option<String>,
     /// The volume's name in the tree (with --parent).
@@ -125,8 +125,9 @@ struct AddArgs {
     /// of two from 4K to 1M.
     #[arg(long, value_name = "SIZE", default_value = "64K")]
     chunk_size: ByteSize,
-    /// Memory tier capacity (0 for none). For a leaf of a tree: how much
-    /// the node keeps before giving chunks back to its parent.
+    /// Memory tier capacity (0 for none). For a leaf of a tree: the memory
+    /// tier of its cache; what falls out of its tiers and victim repository
+    /// goes back to the parent.
     #[arg(long, value_name = "SIZE", default_value = "64M")]
     cache_mem: ByteSize,
     /// A disk tier: a cache file and its capacity. Repeat for more tiers;
@@ -148,10 +149,10 @@ struct AddArgs {
     #[arg(long, value_name = "N")]
     id: Option<u32>,
     /// Export the volume over NBD: `unix:PATH` (a Unix socket, created mode
-    /// 0600) or `tcp:HOST:PORT`. For now only with --no-device. qemu
-    /// attaches to it directly; so do nbd-client, nbdfuse and nbdcopy. NBD
-    /// has no authentication: bind TCP only where every peer may read and
-    /// write the volume.
+    /// 0600) or `tcp:HOST:PORT`, beside /dev/ublkbN (or instead, with
+    /// --no-device). qemu attaches to it directly; so do nbd-client,
+    /// nbdfuse and nbdcopy. NBD has no authentication: bind TCP only where
+    /// every peer may read and write the volume.
     #[arg(long, value_name = "ADDR")]
     export_nbd: Option<ExportAddr>,
     /// Make no /dev/ublkbN: serve the volume over the NBD export only.
@@ -311,6 +312,9 @@ fn run(cli: Cli) -> Result<()> {
                 queues,
                 depth,
                 recover: true,
+                // The export is not part of the saved spec: a recovered
+                // device serves /dev/ublkbN only.
+                nbd: None,
             })
         }
         Command::List { json } => list(json),
@@ -379,7 +383,6 @@ fn add(a: AddArgs) -> Result<()> {
         None if !origin.exists() => return Err(OriginError::Missing(origin.clone()).into()),
         None => {}
     }
-    check_nbd_without_device(&a)?;
     if !a.no_device {
         device::preflight()?;
     }
@@ -407,30 +410,28 @@ fn add(a: AddArgs) -> Result<()> {
         queues: a.queues,
         depth: a.depth,
         recover: false,
+        nbd: a.export_nbd.clone(),
     })
-}
-
-/// The device daemons do not start the NBD export yet: refuse
-/// `--export-nbd` without `--no-device` before anything is made.
-fn check_nbd_without_device(a: &AddArgs) -> Result<()> {
-    if a.export_nbd.is_some() && !a.no_device {
-        bail!(
-            "--export-nbd beside /dev/ublkbN is not available yet (the device daemon \
-             does not start the export); add --no-device to serve the volume over NBD only"
-        );
-    }
-    Ok(())
 }
 
 /// `add --parent`: the device as a leaf of a tree.
 fn add_leaf(a: AddArgs, parent: String) -> Result<()> {
-    check_nbd_without_device(&a)?;
     let volume = a.volume.clone().context("--parent needs --volume NAME")?;
     let mut peer = PeerConfig::new(PeerRole::Leaf, &volume);
     peer.parent = Some(parent);
     peer.listen = a.listen.clone();
     peer.write_mode = Some(a.write_mode);
     peer.cache_mem = Some(Size(a.cache_mem.0));
+    // The same stacked cache as the embedded volume, detached from any
+    // origin: what falls out goes back to the parent.
+    peer.cache_disk = a
+        .cache_disk
+        .iter()
+        .map(|(path, size)| canopy_peerd::config::DiskTier {
+            path: path.clone(),
+            size: Size(size.0),
+        })
+        .collect();
     peer.trace_protocol = a.trace_protocol.clone();
     peer.validate("the command line")?;
     if let (true, Some(addr)) = (a.no_device, &a.export_nbd) {
@@ -443,6 +444,7 @@ fn add_leaf(a: AddArgs, parent: String) -> Result<()> {
         id: a.id,
         queues: a.queues,
         depth: a.depth,
+        nbd: a.export_nbd.clone(),
     })
 }
 

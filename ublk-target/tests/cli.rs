@@ -125,3 +125,39 @@ fn config_file_stands_for_the_flags() {
         "/nonexistent/vol.toml",
     );
 }
+
+#[test]
+fn a_leafs_disk_tier_is_checked_at_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tier = dir.path().join("missing-dir/t.cache");
+    let tier = format!("{}:1G", tier.display());
+    let sock = format!("unix:{}", dir.path().join("s").display());
+    // --no-device, so no ublk driver is needed to get as far as the node.
+    assert_refused(
+        &[
+            "add",
+            "--parent",
+            "127.0.0.1:1",
+            "--volume",
+            "v",
+            "--no-device",
+            "--export-nbd",
+            &sock,
+            "--cache-disk",
+            &tier,
+        ],
+        "missing-dir/t.cache",
+    );
+    assert_refused(
+        &[
+            "add",
+            "--parent",
+            "127.0.0.1:1",
+            "--volume",
+            "v",
+            "--cache-disk",
+            "/c/t:64K",
+        ],
+        "at least 1M",
+    );
+}

@@ -2,7 +2,9 @@
 # Scenario a: mkfs.ext4, mount, write a tree of files (tens of MiB), umount,
 # remount; checksums match and fsck is clean. Then stop the daemon (which
 # flushes), serve the same origin again with a cold cache, and check again:
-# what a clean stop acknowledged is on the origin.
+# what a clean stop acknowledged is on the origin. The restarted volume also
+# exports itself over NBD (--export-nbd beside /dev/ublkbN): the export reads
+# what the device reads, and the device sees what is written through it.
 source "$CANOPY_REPO/tests/vm/scenario-lib.sh"
 
 origin=/tmp/a-origin.img
@@ -29,12 +31,23 @@ stats_json "$CANOPY_OUT/a-stats.json"
 "$UBLK" stats --id "$DEV_ID"
 stop_volume
 
-log "serving the same origin again, cold cache"
-start_volume --origin "$origin" --cache-mem 8M
+log "serving the same origin again, cold cache, with an NBD export beside the device"
+sock=/tmp/a-nbd.sock
+start_volume --origin "$origin" --cache-mem 8M --export-nbd "unix:$sock"
 fsck.ext4 -fn "$DEV" || fail "fsck.ext4 -fn found problems after restart"
 mount "$DEV" /mnt/a
 (cd /mnt/a/tree && sha256sum --quiet -c /tmp/a.sums) || fail "checksums differ after restart"
 umount /mnt/a
+# The export serves the same volume through the same cache: byte for byte
+# what the device reads, and a write through one is read through the other.
+nbd="nbd+unix:///?socket=$sock"
+nbdinfo --size "$nbd" | grep -qx "$(blockdev --getsize64 "$DEV")" || fail "NBD export size differs"
+nbdcopy "$nbd" - | cmp - "$DEV" || fail "NBD export and $DEV differ"
+head -c 1M /dev/urandom >/tmp/a-blob
+nbdcopy /tmp/a-blob "$nbd" || fail "nbdcopy into the export failed"
+# The kernel cached what cmp read above: drop it, so the device is read.
+blockdev --flushbufs "$DEV"
+cmp -n 1048576 /tmp/a-blob "$DEV" || fail "a write through NBD is not read through $DEV"
 "$UBLK" list
 stop_volume
 echo "scenario a: ok"

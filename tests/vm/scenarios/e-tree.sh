@@ -9,6 +9,8 @@
 #    invalidated the chunks it held (its stats count the INVALIDATEs);
 #  - everything stops cleanly, and the root's origin file, mounted through a
 #    loop device, holds the final tree.
+# The proxy and leaf 1 cache in a small memory tier over a disk tier, so the
+# 20 MiB tree passes through both tiers and the victim cleaners.
 source "$CANOPY_REPO/tests/vm/scenario-lib.sh"
 
 PEERD=${CANOPY_PEERD:-$(dirname "$UBLK")/canopy-peerd}
@@ -22,12 +24,13 @@ origin=/tmp/e-origin.img
 ROOT_PID=$!
 wait_port 7400 "$ROOT_PID" root
 "$PEERD" proxy --listen 127.0.0.1:7401 --parent 127.0.0.1:7400 --volume vol0 \
-  2>>"$CANOPY_OUT/proxy.log" &
+  --cache-mem 4M --cache-disk /tmp/e-proxy.cache:64M 2>>"$CANOPY_OUT/proxy.log" &
 PROXY_PID=$!
 wait_port 7401 "$PROXY_PID" proxy
 
 log "leaf 1 (async) under the proxy"
-start_volume --parent 127.0.0.1:7401 --volume vol0 --write-mode async --cache-mem 32M
+start_volume --parent 127.0.0.1:7401 --volume vol0 --write-mode async --cache-mem 4M \
+  --cache-disk /tmp/e-leaf1.cache:8M
 DEV1=$DEV ID1=$DEV_ID PID1=$DAEMON_PID
 log "leaf 2 (sync) under the root"
 start_volume --parent 127.0.0.1:7400 --volume vol0 --cache-mem 32M
@@ -45,6 +48,12 @@ log "leaf 1 writes a 20 MiB tree"
 write_tree /mnt/l1/tree 20
 checksum_tree /mnt/l1/tree /tmp/e1.sums
 umount /mnt/l1
+DEV_ID=$ID1 stats_json "$CANOPY_OUT/e-leaf1.json"
+demoted=$(json_get "$CANOPY_OUT/e-leaf1.json" 's["peer"]["cache"]["tiers"][1]["demotions"]')
+((demoted > 0)) || fail "leaf 1's disk tier received nothing"
+evicted=$(json_get "$CANOPY_OUT/e-leaf1.json" 's["peer"]["evictions"]')
+((evicted > 0)) || fail "leaf 1's victim cleaner gave nothing back"
+[[ -f /tmp/e-proxy.cache && -f /tmp/e-leaf1.cache ]] || fail "disk tier files missing"
 
 mount -o ro,noload "$DEV2" /mnt/l2
 (cd /mnt/l2/tree && sha256sum --quiet -c /tmp/e1.sums) || fail "leaf 2 does not see leaf 1's tree"
