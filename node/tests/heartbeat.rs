@@ -53,7 +53,10 @@ fn any_message_from_the_parent_keeps_it_alive() {
     for (i, now) in (10_000..=90_000).step_by(10_000).enumerate() {
         chatter(&mut n, 100 + i as u32, now - 1);
         n.handle_timeout(now);
-        assert!(!reset(&drain(&mut n)), "reset at {now} although the parent spoke");
+        assert!(
+            !reset(&drain(&mut n)),
+            "reset at {now} although the parent spoke"
+        );
     }
     // Then silence: failed once HB_TTL has passed since the last message.
     n.handle_timeout(90_000 + u64::from(HB) - 2);
