@@ -64,14 +64,7 @@ impl CacheStack<Detached> {
     /// cached, promoting it as any access does; `Ok(false)` if it is not.
     /// An error is a tier's I/O error: the chunk stays where it was.
     pub fn lookup(&self, chunk: u64, buf: &mut [u8]) -> Result<bool, CacheError> {
-        if buf.len() != self.chunk_size {
-            return Err(CacheError::OutOfRange {
-                chunk,
-                offset: 0,
-                len: buf.len(),
-                chunk_size: self.chunk_size,
-            });
-        }
+        self.check_whole(chunk, buf.len())?;
         match self.read(chunk, 0, buf) {
             Ok(()) => Ok(true),
             Err(CacheError::NotCached { .. }) => Ok(false),
@@ -83,15 +76,7 @@ impl CacheStack<Detached> {
     /// cached. The entry is marked clean: whether the bytes are newer than
     /// the parent's is the owner's knowledge, not the cache's.
     pub fn insert(&self, chunk: u64, data: &[u8]) -> Result<(), CacheError> {
-        if data.len() != self.chunk_size {
-            return Err(CacheError::OutOfRange {
-                chunk,
-                offset: 0,
-                len: data.len(),
-                chunk_size: self.chunk_size,
-            });
-        }
-        self.check(chunk, 0, data.len())?;
+        self.check_whole(chunk, data.len())?;
         // Whole-chunk, so no fill is attempted; `dirty: false` keeps the
         // cache's own dirty bit (meaningless here) off.
         self.write_src(chunk, 0, crate::tier::Src::Data(data), false, false)

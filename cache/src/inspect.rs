@@ -69,15 +69,7 @@ impl<B: Backing> CacheStack<B> {
     /// Copies a cached chunk into `buf` (len == chunk_size) without touching
     /// LRU order, counters or the chunk's position; `None` if not cached.
     pub fn peek(&self, chunk: u64, buf: &mut [u8]) -> Result<Option<Residency>, CacheError> {
-        self.check(chunk, 0, buf.len())?;
-        if buf.len() != self.chunk_size {
-            return Err(CacheError::OutOfRange {
-                chunk,
-                offset: 0,
-                len: buf.len(),
-                chunk_size: self.chunk_size,
-            });
-        }
+        self.check_whole(chunk, buf.len())?;
         let layout = self.layout.read();
         let mv = self.movement.lock();
         if let Some((t, s, w)) = find_in_tiers(&layout.tiers, chunk, false) {

@@ -272,6 +272,20 @@ impl<B: Backing> CacheStack<B> {
         &self.backing
     }
 
+    /// Rejects a buffer that is not exactly one chunk, and the reserved
+    /// chunk number (for whole-chunk calls).
+    pub(crate) fn check_whole(&self, chunk: u64, len: usize) -> Result<(), CacheError> {
+        if len != self.chunk_size {
+            return Err(CacheError::OutOfRange {
+                chunk,
+                offset: 0,
+                len,
+                chunk_size: self.chunk_size,
+            });
+        }
+        self.check(chunk, 0, len)
+    }
+
     /// Rejects ranges that leave the chunk, and the reserved chunk number.
     pub(crate) fn check(&self, chunk: u64, offset: usize, len: usize) -> Result<(), CacheError> {
         let fits = matches!(offset.checked_add(len), Some(end) if end <= self.chunk_size);
