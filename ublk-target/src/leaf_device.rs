@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use bytes::Bytes;
-use canopy_peerd::{start_peer_with_view, PeerConfig, PeerStats, ReadView};
+use canopy_peerd::{start_peer_with_view, Peer, PeerConfig, PeerStats, ReadView};
 use libublk::helpers::IoBuf;
 use libublk::io::{UblkDev, UblkIOCtx, UblkQueue};
 use nix::sys::eventfd::{EfdFlags, EventFd};
@@ -63,25 +63,31 @@ pub(crate) struct LeafSpec {
     pub leaf: PeerConfig,
 }
 
-/// Serve the volume from the tree until stopped. Returns after the device is
-/// removed, with every acknowledged write sent up (and, for those a FLUSH
-/// covered, durable at the root).
-pub fn serve_leaf(opts: LeafOptions) -> Result<()> {
-    preflight()?;
-    let stop_signals = block_stop_signals()?;
+/// A leaf that has joined its volume: the runtime its node runs on, the
+/// node, and the volume the device (or an NBD export) serves.
+pub(crate) struct Joined {
+    pub rt: tokio::runtime::Runtime,
+    pub peer: Peer,
+    pub leaf: Arc<LeafVolume>,
+    /// The volume's size in bytes.
+    pub size: u64,
+}
+
+/// Start the node of `cfg` (a leaf) and wait until it has joined the
+/// volume through its parent; `queues` threads will serve it.
+pub(crate) fn join_tree(cfg: &PeerConfig, queues: usize) -> Result<Joined> {
     // Two workers: the node task and the links are light, and the machine's
-    // cores belong to the queue threads too.
+    // cores belong to the queue (or NBD worker) threads too.
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("canopy-net")
         .enable_all()
         .build()
         .context("starting the network runtime")?;
-    let cfg = opts.peer.clone();
     let parent = cfg.parent.clone().unwrap_or_default();
     let view = Arc::new(ReadView::new());
     let (peer, stats) = rt.block_on(async {
-        let peer = start_peer_with_view(&cfg, view.clone()).await?;
+        let peer = start_peer_with_view(cfg, view.clone()).await?;
         tracing::info!(%parent, volume = %cfg.volume, "connecting to the parent");
         peer.ready()
             .await
@@ -100,8 +106,28 @@ pub fn serve_leaf(opts: LeafOptions) -> Result<()> {
         Some(view),
         size,
         chunk_size,
-        usize::from(opts.queues),
+        queues,
     ));
+    Ok(Joined {
+        rt,
+        peer,
+        leaf,
+        size,
+    })
+}
+
+/// Serve the volume from the tree until stopped. Returns after the device is
+/// removed, with every acknowledged write sent up (and, for those a FLUSH
+/// covered, durable at the root).
+pub fn serve_leaf(opts: LeafOptions) -> Result<()> {
+    preflight()?;
+    let stop_signals = block_stop_signals()?;
+    let Joined {
+        rt,
+        peer,
+        leaf,
+        size,
+    } = join_tree(&opts.peer, usize::from(opts.queues))?;
     let nbd = opts
         .nbd
         .as_ref()

@@ -11,16 +11,16 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use canopy_cache::CacheStack;
 use canopy_origin::OriginStore;
-use canopy_peerd::{start_peer_with_view, PeerConfig, ReadView};
+use canopy_peerd::PeerConfig;
 use nix::sys::signal::SigSet;
 
 use super::tree::TreeBackend;
 use super::{mode_name, ExportAddr, NbdServer};
 use crate::device::block_stop_signals;
-use crate::leaf::LeafVolume;
+use crate::leaf_device::{join_tree, Joined};
 use crate::spec::VolumeSpec;
 use crate::volume::Volume;
 
@@ -67,37 +67,13 @@ pub fn serve_embedded(spec: &VolumeSpec, addr: &ExportAddr) -> Result<()> {
 /// leave the tree. Prints the export's NBD URI once clients can connect.
 pub fn serve_leaf(peer: &PeerConfig, addr: &ExportAddr) -> Result<()> {
     let stop_signals = block_stop_signals()?;
-    // Two workers, as for the ublk leaf: the node task and the links are
-    // light, and the cores belong to the NBD workers too.
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .thread_name("canopy-net")
-        .enable_all()
-        .build()
-        .context("starting the network runtime")?;
-    let parent = peer.parent.clone().unwrap_or_default();
-    let view = Arc::new(ReadView::new());
-    let (node, stats) = rt.block_on(async {
-        let node = start_peer_with_view(peer, view.clone()).await?;
-        tracing::info!(%parent, volume = %peer.volume, "connecting to the parent");
-        node.ready()
-            .await
-            .with_context(|| format!("joining volume {} through {parent}", peer.volume))?;
-        let stats = node.handle().stats().await?;
-        anyhow::Ok((node, stats))
-    })?;
-    let size = stats.volume_size;
-    let chunk_size = usize::try_from(stats.chunk_size).unwrap_or(0);
-    if chunk_size == 0 || size == 0 || !size.is_multiple_of(512) {
-        bail!("the parent announced an unusable volume: {size} bytes in chunks of {chunk_size}");
-    }
-    let leaf = Arc::new(LeafVolume::new(
-        node.handle(),
-        Some(view),
+    let Joined {
+        rt,
+        peer: node,
+        leaf,
         size,
-        chunk_size,
-        1,
-    ));
+    } = join_tree(peer, 1)?;
+    let chunk_size = leaf.chunk_size();
     let backend = Arc::new(TreeBackend::new(leaf.clone(), rt.handle().clone()));
     let server = NbdServer::start(addr, backend).context("starting the NBD export")?;
     announce(&server);
