@@ -20,6 +20,10 @@ use crate::Millis;
 /// Chunks pending durability beyond which an fdatasync is issued anyway.
 const PENDING_TRIM: usize = 4096;
 
+/// The `pending` number of a chunk whose write is still in flight: no
+/// fdatasync can cover it yet.
+const IN_FLIGHT: u64 = u64::MAX;
+
 /// The root's durability bookkeeping.
 #[derive(Debug, Default)]
 pub(crate) struct Durability {
@@ -55,7 +59,8 @@ impl Node {
         d.pending.insert(chunk, d.written);
         // Children that never ask for durability (async trees) would let
         // the map grow with every chunk written: an fdatasync nobody waits
-        // for trims it.
+        // for trims it. (Chunks still being written are bounded by the
+        // rows, which keep their bytes until then.)
         if d.pending.len() >= PENDING_TRIM && d.in_flight.is_none() {
             self.issue_origin_sync();
         }
@@ -68,10 +73,14 @@ impl Node {
         if d.failed.remove(&chunk) {
             return Durable::Failed;
         }
-        if !d.pending.contains_key(&chunk) {
+        let Some(&seq) = d.pending.get(&chunk) else {
             return Durable::Ready;
-        }
+        };
         d.waiters.insert(chunk);
+        if seq == IN_FLIGHT {
+            // `origin_written` runs the row again once the write is done.
+            return Durable::Wait;
+        }
         // One in flight that started before this write is followed by
         // another once it completes (see `origin_synced`).
         if d.in_flight.is_none() {
@@ -100,6 +109,7 @@ impl Node {
         let d = &mut self.durability;
         match result {
             Ok(()) => {
+                // IN_FLIGHT is above every number: never covered.
                 d.pending.retain(|_, seq| *seq > covered);
                 // The root's own acknowledged writes (async mode) are
                 // durable once their chunk has nothing pending.
@@ -133,5 +143,77 @@ impl Node {
             None => Ok(()),
         };
         self.origin_synced(result, now);
+    }
+}
+
+impl Node {
+    /// Whether the origin has the chunk's last write (not necessarily
+    /// durably); if it is still in flight the head request waits and
+    /// [`Node::origin_written`] runs the row again. Failed: that write (or
+    /// an fdatasync meant to cover it) failed, reported once.
+    pub(crate) fn await_written(&mut self, chunk: u64) -> Durable {
+        if self.table.get(&chunk).is_some_and(|e| e.writing) {
+            return Durable::Wait;
+        }
+        if self.durability.failed.remove(&chunk) {
+            return Durable::Failed;
+        }
+        Durable::Ready
+    }
+
+    /// A write of `chunk` is in flight (or waits behind one): not durable,
+    /// and not yet numbered.
+    pub(crate) fn durability_writing(&mut self, chunk: u64) {
+        self.durability.pending.insert(chunk, IN_FLIGHT);
+    }
+
+    /// The write that [`Action::OriginWrite`] asked for completed (root
+    /// only). On success the chunk's bytes are on the origin (durable at
+    /// the next fdatasync); a newer write that waited is issued now. On
+    /// failure the origin may lack what the row holds: unless a newer write
+    /// follows, the bytes are dropped (nothing read them: reads wait for
+    /// the write) and the next request that needs the chunk durable fails
+    /// once. The row runs again either way.
+    pub fn origin_written(&mut self, chunk: u64, result: Result<(), Status>, now: Millis) {
+        let Some(e) = self.table.get_mut(&chunk) else {
+            tracing::debug!(chunk, "origin write completed for no row");
+            return;
+        };
+        if !e.writing {
+            tracing::debug!(chunk, "origin write completed but none was in flight");
+            return;
+        }
+        let next = e.write_next.take();
+        e.writing = next.is_some();
+        if let Err(s) = &result {
+            tracing::error!(chunk, status = %s, "origin write failed");
+            self.durability.failed.insert(chunk);
+        }
+        match (next, result) {
+            (Some(data), _) => {
+                self.actions.push_back(Action::OriginWrite { chunk, data });
+            }
+            (None, Ok(())) => self.note_origin_write(chunk),
+            (None, Err(_)) => {
+                self.durability.pending.remove(&chunk);
+                self.drop_bytes(chunk);
+            }
+        }
+        self.run(chunk, now);
+        self.forget_if_idle(chunk);
+    }
+
+    /// Serve an [`Action::OriginWrite`] on the caller's thread (tests and
+    /// drivers without threads): write the origin, then
+    /// [`Node::origin_written`].
+    pub fn serve_origin_write(&mut self, chunk: u64, data: &[u8], now: Millis) {
+        let result = match self.origin.as_ref() {
+            Some(origin) => origin.write_chunk(chunk, data).map_err(|e| {
+                tracing::error!(chunk, error = %e, "origin write failed");
+                Status::IoError
+            }),
+            None => Ok(()),
+        };
+        self.origin_written(chunk, result, now);
     }
 }

@@ -115,6 +115,12 @@ pub(crate) struct Entry {
     /// Root only: the read just completed with this error; set while the
     /// row is re-run so the request waiting for it fails, then cleared.
     pub load_error: Option<canopy_proto::Status>,
+    /// Root only: an [`crate::Action::OriginWrite`] of this chunk is in
+    /// flight. The row keeps its bytes (the newest) until it completes, and
+    /// nothing reads them meanwhile: a failed write drops them.
+    pub writing: bool,
+    /// Root only: newer contents to write once the write in flight ends.
+    pub write_next: Option<Bytes>,
     /// Root only: children to PUSH this chunk to (read-ahead) once its
     /// origin read completes.
     pub push_waiters: Vec<ChildId>,
@@ -156,6 +162,7 @@ impl Entry {
             && self.queue.is_empty()
             && self.pinned == Perm::No
             && !self.loading
+            && !self.writing
             && self.push_waiters.is_empty()
     }
 

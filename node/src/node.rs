@@ -61,6 +61,17 @@ pub enum Action {
     /// run on another thread while the node serves on. A caller without
     /// threads can answer at once with [`Node::serve_origin_sync`].
     OriginSync,
+    /// Root only: write `data` as `chunk`'s contents to the origin and hand
+    /// the result to [`Node::origin_written`]. At most one per chunk is in
+    /// flight; writes of different chunks may run on other threads and
+    /// complete in any order. A caller without threads can answer at once
+    /// with [`Node::serve_origin_write`].
+    OriginWrite {
+        /// Chunk number.
+        chunk: u64,
+        /// Its new contents (a whole chunk).
+        data: Bytes,
+    },
 }
 
 /// Counters, for `stats` and the simulation's checks.
@@ -494,6 +505,11 @@ impl Node {
             // Every caller has the row; without one, read_data reports it.
             return Loaded::Ready;
         };
+        if e.writing {
+            // Re-run by `origin_written`. Until the origin has the bytes
+            // nobody reads them: a failed write drops them.
+            return Loaded::Wait;
+        }
         if e.has_data {
             return Loaded::Ready;
         }
@@ -621,7 +637,7 @@ impl Node {
         if self
             .table
             .get(&chunk)
-            .is_some_and(|e| e.queue.is_empty() && !e.loading)
+            .is_some_and(|e| e.queue.is_empty() && !e.loading && !e.writing)
         {
             self.drop_bytes(chunk);
         }
@@ -630,37 +646,37 @@ impl Node {
     /// Store `data` as the chunk's newest contents at this node: the root
     /// writes its origin, a child marks its copy dirty.
     ///
-    /// At the root the write itself still runs on the node's thread (a
-    /// pwrite, or an O_DIRECT write); its fdatasync does not: a request
-    /// that needs the chunk durable waits in [`Node::await_durable`] while
-    /// the node serves on. Moving the writes off the thread too needs the
-    /// same wait-and-resume on every path that stores (PUT, partial write,
-    /// a FLUSH applied on arrival, an INVALIDATE answer carrying data). An
-    /// origin read of the chunk still in flight is marked stale, since it
-    /// may return the contents from before this write.
+    /// At the root neither the write nor its fdatasync runs on the node's
+    /// thread: the write is an [`Action::OriginWrite`] (the row keeps the
+    /// bytes and reads of the chunk wait until it completes, see
+    /// [`Node::origin_written`]), and a request that needs the chunk
+    /// durable waits in [`Node::await_durable`]. Requests on other chunks
+    /// are served meanwhile. An origin read of the chunk still in flight is
+    /// marked stale, since it may return the contents from before this
+    /// write.
     pub(crate) fn store_data(&mut self, chunk: u64, data: Bytes) -> Result<(), Status> {
         if self.is_root() {
-            if let Some(origin) = self.origin.clone() {
-                let written = origin.write_chunk(chunk, &data);
-                if let Some(e) = self.table.get_mut(&chunk) {
-                    if e.loading {
-                        e.load_stale = true;
-                    }
-                    // The loaded copy must stay what the origin holds: the
-                    // new contents if written (kept only while the row is
-                    // in use), nothing if the write failed.
-                    let in_use = e.loading || !e.queue.is_empty();
-                    if written.is_ok() && in_use {
-                        self.set_bytes(chunk, data.clone());
-                    } else {
-                        self.drop_bytes(chunk);
-                    }
-                }
-                if let Err(e) = written {
-                    tracing::error!(chunk, error = %e, "origin write failed");
-                    return Err(Status::IoError);
-                }
-                self.note_origin_write(chunk);
+            if self.origin.is_none() {
+                return Ok(());
+            }
+            let Some(e) = self.table.get_mut(&chunk) else {
+                return Ok(());
+            };
+            if e.loading {
+                e.load_stale = true;
+            }
+            // One write per chunk in flight, so they land in order; a newer
+            // one waits (replacing any that waited before it: whole chunks).
+            let issue = !e.writing;
+            if issue {
+                e.writing = true;
+            } else {
+                e.write_next = Some(data.clone());
+            }
+            self.set_bytes(chunk, data.clone());
+            self.durability_writing(chunk);
+            if issue {
+                self.actions.push_back(Action::OriginWrite { chunk, data });
             }
             return Ok(());
         }
@@ -786,9 +802,28 @@ impl Node {
         // Revoked when it arrived; again here, since nothing may read the
         // old copy once the answer is out.
         self.revoke(chunk);
-        let Some(e) = self.table.get(&chunk) else {
+        let Some(e) = self.table.get_mut(&chunk) else {
             return true;
         };
+        // A sync node whose answer carries data not yet at the root keeps
+        // nothing, and neither do its children: the data is in flight in
+        // the answer, and if the link breaks first it is lost while a
+        // reader here could have seen it (the simulation's seed 8220).
+        // Readers ask the parent again, which serves it only once its own
+        // origin has it.
+        let target = if self.cfg.write_mode == WriteMode::Sync
+            && e.dirty
+            && e.held == Perm::Write
+            && target > Perm::No
+        {
+            if let Some(front) = e.parent_inval.front_mut() {
+                front.1 = Perm::No;
+            }
+            Perm::No
+        } else {
+            target
+        };
+        let e = &*e;
         // A local lock holds the chunk: the lock's owner releases first.
         if e.pinned > target {
             return false;
@@ -1102,7 +1137,13 @@ impl Node {
                 break;
             }
             let e = self.table.entry(next).or_default();
-            if e.is_busy() || e.child_perm(child) != Perm::No || e.child_writer().is_some() {
+            // A chunk being written is not pushed: read-ahead is a hint,
+            // and its bytes are not read until the origin has them.
+            if e.is_busy()
+                || e.writing
+                || e.child_perm(child) != Perm::No
+                || e.child_writer().is_some()
+            {
                 continue;
             }
             let e = &self.table[&next];
@@ -1284,6 +1325,25 @@ impl Node {
         true
     }
 
+    /// At the root, before answering `from` about `chunk`: wait until the
+    /// origin has the chunk's last write and, with `sync`, until it is
+    /// durable. `Some` is the step to take instead of answering (wait, or
+    /// done after failing the request); `None`: answer now.
+    fn await_origin(&mut self, chunk: u64, sync: bool, from: &Requester) -> Option<Step> {
+        let state = match self.await_written(chunk) {
+            Durable::Ready if sync => self.await_durable(chunk),
+            other => other,
+        };
+        match state {
+            Durable::Ready => None,
+            Durable::Wait => Some(Step::Wait),
+            Durable::Failed => {
+                self.answer(from, Err(Status::IoError));
+                Some(Step::Done)
+            }
+        }
+    }
+
     /// Reply to a write whose data is where its mode needs it: at the
     /// root, a sync write waits until the origin has it durably.
     fn finish_write(&mut self, chunk: u64, from: &Requester, req: &Req, now: Millis) -> Step {
@@ -1291,14 +1351,12 @@ impl Node {
             req,
             Req::Put { sync: true, .. } | Req::Write { sync: true, .. }
         );
-        if sync && self.is_root() {
-            match self.await_durable(chunk) {
-                Durable::Ready => {}
-                Durable::Wait => return Step::Wait,
-                Durable::Failed => {
-                    self.answer(from, Err(Status::IoError));
-                    return Step::Done;
-                }
+        // At the root a write is answered once the origin has it (so a
+        // failed write is reported to its writer, as before writes left
+        // the node's thread), and a sync one once it is durable.
+        if self.is_root() {
+            if let Some(step) = self.await_origin(chunk, sync, from) {
+                return step;
             }
         }
         match *from {
@@ -1368,17 +1426,13 @@ impl Node {
         propagated: bool,
     ) -> Step {
         if self.is_root() {
+            // A FLUSH's data (applied on arrival) must be on the origin
+            // before the reply, so a failed write is refused to its sender.
+            if let Some(step) = self.await_origin(chunk, sync, from) {
+                return step;
+            }
             if sync {
-                match self.await_durable(chunk) {
-                    Durable::Wait => return Step::Wait,
-                    Durable::Failed => {
-                        self.answer(from, Err(Status::IoError));
-                        return Step::Done;
-                    }
-                    Durable::Ready => {
-                        self.unsynced.remove(&chunk);
-                    }
-                }
+                self.unsynced.remove(&chunk);
             }
             self.answer(from, Ok(LocalReply::Done));
             return Step::Done;

@@ -268,6 +268,14 @@ impl Node {
         if let Some(e) = self.table.get_mut(&chunk) {
             e.set_child(child, new);
         }
+        // The root answers a FLUSH that carried data once its origin write
+        // is done, refusing it if the write failed (see `step_pass_up`).
+        if self.is_root() && had_data && record == Perm::Write && !sync {
+            return Some(Req::PassUp {
+                sync: false,
+                keep: Perm::Write,
+            });
+        }
         if sync {
             let held = self.table.get(&chunk).map_or(Perm::No, |e| e.held);
             return Some(Req::PassUp {

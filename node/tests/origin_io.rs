@@ -5,6 +5,10 @@
 //! they come, a failed read fails only the requests waiting for it, and a
 //! read overtaken by a write is never served.
 //!
+//! Writes: an `Action::OriginWrite` per chunk at a time; reads of the
+//! chunk and the writer's reply wait for it; a failed one refuses the
+//! writer's FLUSH and drops the bytes nobody has read.
+//!
 //! fdatasync (group commit): sync writes wait for an `Action::OriginSync`
 //! that covers them, one in flight at a time; writes arriving while it
 //! runs share the next one; a failed one fails only the requests it was
@@ -50,7 +54,20 @@ fn root(push_ahead: u32) -> (Node, Mem) {
     (n, origin)
 }
 
+/// The node's actions, with its origin writes served at once (the tests
+/// below that hold writes back use `drain_raw`).
 fn drain(n: &mut Node) -> Vec<Action> {
+    let mut out = Vec::new();
+    while let Some(a) = n.poll_action() {
+        match a {
+            Action::OriginWrite { chunk, data } => n.serve_origin_write(chunk, &data, 1),
+            other => out.push(other),
+        }
+    }
+    out
+}
+
+fn drain_raw(n: &mut Node) -> Vec<Action> {
     std::iter::from_fn(|| n.poll_action()).collect()
 }
 
@@ -311,4 +328,104 @@ fn a_failed_fdatasync_fails_what_it_covered_and_a_barrier_retries() {
         vec![(1, 11, Opcode::OkReply, None)]
     );
     assert_eq!(origin.durable_chunk(3), vec![0xB3; CHUNK]);
+}
+
+/// Child 4 connects asking for async writes, so its FLUSHes without
+/// FORCE_SYNC are answered on arrival.
+fn connect_async(n: &mut Node) {
+    let mut m = Message::new(Opcode::Connect, 1);
+    m.params.volume_name = Some("vol".into());
+    m.params.connect_flags = Some(canopy_proto::ConnectFlags::ASYNC_WRITE);
+    n.handle_child(4, m, 0);
+    drain(n);
+}
+
+/// Child 4 PUTs `byte` into `chunk` with FORCE_SYNC, run to completion:
+/// afterwards it holds WRITE.
+fn put_through(n: &mut Node, chunk: u64, byte: u8) {
+    connect_async(n);
+    let a = sync_put(n, 4, 90, chunk, byte);
+    assert_eq!(syncs(&a), 1);
+    n.serve_origin_sync(1);
+    assert_eq!(replies(&drain(n)), vec![(4, 90, Opcode::OkReply, None)]);
+}
+
+/// Child 4's FLUSH of `byte` into `chunk`, giving WRITE up, without
+/// FORCE_SYNC: applied on arrival, answered once the origin has it.
+fn flush_from_writer(n: &mut Node, xid: u32, chunk: u64, byte: u8) -> Vec<Action> {
+    let m = request(IoOp::Flush, xid, chunk, Perm::No, Some(chunk_of(byte)));
+    n.handle_child(4, m, 2);
+    drain_raw(n)
+}
+
+#[test]
+fn writes_run_one_per_chunk_and_reads_wait_for_them() {
+    let (mut n, origin) = root(0);
+    put_through(&mut n, 4, 0xC3);
+    let a = flush_from_writer(&mut n, 10, 4, 0xC4);
+    assert_eq!(replies(&a), vec![], "answered once written");
+    let writes = |a: &[Action]| -> Vec<u64> {
+        a.iter()
+            .filter_map(|x| match x {
+                Action::OriginWrite { chunk, .. } => Some(*chunk),
+                _ => None,
+            })
+            .collect()
+    };
+    assert_eq!(writes(&a), vec![4]);
+    // Another child reads chunk 4: it waits until the origin has the bytes.
+    n.handle_child(2, request(IoOp::Get, 11, 4, Perm::Read, None), 3);
+    assert_eq!(
+        replies(&drain_raw(&mut n)),
+        vec![],
+        "the read waits for the write"
+    );
+    assert_eq!(origin.written_chunk(4), vec![0xC3; CHUNK]);
+    n.serve_origin_write(4, &chunk_of(0xC4), 4);
+    assert_eq!(
+        replies(&drain(&mut n)),
+        vec![
+            (4, 10, Opcode::OkReply, None),
+            (2, 11, Opcode::OkReply, Some(0xC4))
+        ]
+    );
+    assert_eq!(origin.written_chunk(4), vec![0xC4; CHUNK]);
+}
+
+#[test]
+fn a_failed_write_refuses_its_flush_and_drops_its_bytes() {
+    let (mut n, origin) = root(0);
+    put_through(&mut n, 5, 0xD4);
+    flush_from_writer(&mut n, 10, 5, 0xD5);
+    n.origin_written(5, Err(Status::IoError), 3);
+    // The FLUSH is refused, so its sender keeps the data (see sync.rs).
+    assert_eq!(
+        replies(&drain(&mut n))
+            .into_iter()
+            .map(|(c, x, op, _)| (c, x, op))
+            .collect::<Vec<_>>(),
+        vec![(4, 10, Opcode::ErrReply)]
+    );
+    assert!(
+        n.inspect(5, 3).data.is_none(),
+        "bytes the origin lacks are dropped"
+    );
+    // Reported once: a later barrier succeeds.
+    let mut barrier = request(IoOp::Flush, 11, 5, Perm::No, None);
+    barrier.header.flags = barrier.header.flags.with(canopy_proto::Flags::FORCE_SYNC);
+    n.handle_child(4, barrier, 4);
+    assert_eq!(
+        replies(&drain(&mut n)),
+        vec![(4, 11, Opcode::OkReply, None)]
+    );
+    // Readers get what the origin has: the write before the failed one.
+    let a = get(&mut n, 2, 13, 5);
+    let a = if reads(&a).is_empty() {
+        a
+    } else {
+        n.serve_origin_read(5, 6);
+        drain(&mut n)
+    };
+    assert_eq!(replies(&a), vec![(2, 13, Opcode::OkReply, Some(0xD4))]);
+    assert_eq!(origin.written_chunk(5), vec![0xD4; CHUNK]);
 }

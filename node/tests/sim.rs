@@ -196,6 +196,8 @@ struct Sim {
     /// The root's fdatasync in flight: what the origin had written when it
     /// was issued, which is all it makes durable.
     syncing: Option<Vec<u8>>,
+    /// The root's origin writes in flight: chunk and contents.
+    writes: Vec<(u64, Bytes)>,
     /// This seed serves origin reads at once, on the root's thread.
     inline_loads: bool,
     /// Each node's published copies (`Action::Publish`/`Revoke`): chunk →
@@ -243,6 +245,8 @@ enum Work {
     Load(usize),
     /// Complete the root's fdatasync.
     Sync,
+    /// Complete the root's origin write number k.
+    Write(usize),
 }
 
 impl Sim {
@@ -341,6 +345,7 @@ impl Sim {
             modes,
             loads: Vec::new(),
             syncing: None,
+            writes: Vec::new(),
             inline_loads,
             views: vec![HashMap::new(); count],
             publishing,
@@ -471,6 +476,22 @@ impl Sim {
                         self.nodes[i].serve_origin_sync(self.now);
                     } else {
                         self.syncing = Some(self.origin.written.lock().unwrap().clone());
+                    }
+                }
+                Action::OriginWrite { chunk, data } => {
+                    if self.parent[i].is_some() {
+                        self.fail(format!("{} is no root but wrote an origin", self.names[i]));
+                    }
+                    if self.writes.iter().any(|(c, _)| *c == chunk) {
+                        self.fail(format!("second origin write of chunk {chunk} in flight"));
+                    }
+                    if self.verbose {
+                        println!("{:>5} {} origin write {chunk}", self.step, self.names[i]);
+                    }
+                    if self.inline_loads {
+                        self.nodes[i].serve_origin_write(chunk, &data, self.now);
+                    } else {
+                        self.writes.push((chunk, data));
                     }
                 }
                 Action::OriginRead { chunk } => {
@@ -619,6 +640,20 @@ impl Sim {
             Ok(())
         };
         self.nodes[0].origin_synced(r, self.now);
+        self.drain(0);
+    }
+
+    /// Complete the root's origin write number `k`: the origin has it
+    /// (written, not yet durable).
+    fn complete_write(&mut self, k: usize) {
+        let (chunk, data) = self.writes.remove(k);
+        if self.verbose {
+            println!("{:>5} A origin write {chunk} done", self.step);
+        }
+        if let Err(e) = self.origin.write_chunk(chunk, &data) {
+            self.fail(format!("origin write of chunk {chunk}: {e}"));
+        }
+        self.nodes[0].origin_written(chunk, Ok(()), self.now);
         self.drain(0);
     }
 
@@ -1015,6 +1050,7 @@ impl Sim {
         if self.syncing.is_some() {
             v.push(Work::Sync);
         }
+        v.extend((0..self.writes.len()).map(Work::Write));
         v
     }
 
@@ -1023,6 +1059,7 @@ impl Sim {
             Work::Link(i, upward) => self.deliver(i, upward),
             Work::Load(k) => self.complete_load(k),
             Work::Sync => self.complete_sync(),
+            Work::Write(k) => self.complete_write(k),
         }
     }
 

@@ -13,10 +13,12 @@
 //! - at the root, origin reads ([`Action::OriginRead`]) run on tokio's
 //!   blocking threads, at most `ORIGIN_READS` at a time, and come back on
 //!   a channel of their own, so the disk sees many requests at once and the
-//!   node keeps serving other chunks while one waits. Its fdatasync
-//!   ([`Action::OriginSync`], one at a time, covering every write before
-//!   it: group commit) runs there too. Origin writes themselves still run
-//!   inside the node task (see `Node::store_data`).
+//!   node keeps serving other chunks while one waits. Origin writes
+//!   ([`Action::OriginWrite`], at most `ORIGIN_WRITES` at a time, one per
+//!   chunk) and fdatasync ([`Action::OriginSync`], one at a time, covering
+//!   every write before it: group commit) run there too, so the root's
+//!   origin I/O never runs in the node task (a proxy's or leaf's disk tier
+//!   still does).
 //!
 //! The event channel is bounded so that a node that falls behind slows its
 //! readers, and through them TCP, instead of queueing without limit. The
@@ -58,6 +60,10 @@ const EVENT_QUEUE: usize = 1024;
 /// flood of requests cannot spawn unbounded blocking work: the rest wait
 /// in a backlog of chunk numbers.
 const ORIGIN_READS: usize = 32;
+
+/// Origin writes the root runs at once, for the same reasons; the node
+/// keeps at most one per chunk in flight, so they land in order.
+const ORIGIN_WRITES: usize = 32;
 
 /// How long one attempt to reach the parent may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -367,6 +373,7 @@ pub fn start(node: Node, opts: DriverOptions) -> Peer {
     let lazy = node.config().connect_lazily;
     let (done_tx, done_rx) = mpsc::unbounded_channel();
     let (synced_tx, synced_rx) = mpsc::unbounded_channel();
+    let (written_tx, written_rx) = mpsc::unbounded_channel();
     let reads = OriginReads {
         origin: node.origin(),
         in_flight: 0,
@@ -375,6 +382,10 @@ pub fn start(node: Node, opts: DriverOptions) -> Peer {
         done_rx,
         synced_tx,
         synced_rx,
+        writes_in_flight: 0,
+        write_backlog: VecDeque::new(),
+        written_tx,
+        written_rx,
     };
     let task = NodeTask {
         node,
@@ -411,7 +422,7 @@ type OriginDone = (u64, Result<Bytes, Status>);
 
 /// The root's origin reads (see [`ORIGIN_READS`]).
 struct OriginReads {
-    /// Shared with the node, which writes it in its own task.
+    /// Shared with the node, which only reads its geometry.
     origin: Option<Arc<dyn Backing>>,
     /// Reads running on blocking threads.
     in_flight: usize,
@@ -426,6 +437,13 @@ struct OriginReads {
     /// most one in flight.
     synced_tx: mpsc::UnboundedSender<Result<(), Status>>,
     synced_rx: mpsc::UnboundedReceiver<Result<(), Status>>,
+    /// Writes running on blocking threads ([`ORIGIN_WRITES`] at most).
+    writes_in_flight: usize,
+    /// Writes to run once fewer run: each chunk at most once (the node
+    /// keeps one write per chunk in flight).
+    write_backlog: VecDeque<(u64, Bytes)>,
+    written_tx: mpsc::UnboundedSender<(u64, Result<(), Status>)>,
+    written_rx: mpsc::UnboundedReceiver<(u64, Result<(), Status>)>,
 }
 
 /// The task that owns the node.
@@ -498,6 +516,16 @@ impl NodeTask {
                 // sync writes and barriers that waited for it.
                 Some(r) = self.reads.synced_rx.recv() => {
                     self.node.origin_synced(r, self.now());
+                }
+                // Before new requests: a write completion answers its
+                // writer and the reads that waited for it.
+                Some((chunk, r)) = self.reads.written_rx.recv() => {
+                    self.reads.writes_in_flight = self.reads.writes_in_flight.saturating_sub(1);
+                    self.node.origin_written(chunk, r, self.now());
+                    while self.reads.writes_in_flight < ORIGIN_WRITES {
+                        let Some((c, d)) = self.reads.write_backlog.pop_front() else { break };
+                        self.spawn_origin_write(c, d);
+                    }
                 }
                 // Before new requests: a completion frees a read slot and
                 // answers requests that already waited.
@@ -677,6 +705,13 @@ impl NodeTask {
                     }
                 }
                 Action::OriginSync => self.spawn_origin_sync(),
+                Action::OriginWrite { chunk, data } => {
+                    if self.reads.writes_in_flight < ORIGIN_WRITES {
+                        self.spawn_origin_write(chunk, data);
+                    } else {
+                        self.reads.write_backlog.push_back((chunk, data));
+                    }
+                }
                 Action::OriginRead { chunk } => {
                     if self.reads.in_flight < ORIGIN_READS {
                         self.spawn_origin_read(chunk);
@@ -687,6 +722,35 @@ impl NodeTask {
             }
         }
         self.update_readiness(None);
+    }
+
+    /// Write `chunk` to the origin on a blocking thread; the result comes
+    /// back on `reads.written_rx`.
+    fn spawn_origin_write(&mut self, chunk: u64, data: Bytes) {
+        let Some(origin) = self.reads.origin.clone() else {
+            // The node asks only when it has an origin.
+            tracing::error!(node = %self.name, chunk, "origin write asked for without an origin");
+            let now = self.now();
+            self.node.origin_written(chunk, Err(Status::IoError), now);
+            return;
+        };
+        let done = self.reads.written_tx.clone();
+        self.reads.writes_in_flight += 1;
+        let write = tokio::task::spawn_blocking(move || {
+            origin.write_chunk(chunk, &data).map_err(|e| {
+                tracing::error!(chunk, error = %e, "origin write failed");
+                Status::IoError
+            })
+        });
+        // Awaited on a task of its own so that a panicking write still
+        // frees its slot and answers its writer (with an error).
+        tokio::spawn(async move {
+            let r = write.await.unwrap_or_else(|e| {
+                tracing::error!(chunk, error = %e, "origin write task failed");
+                Err(Status::IoError)
+            });
+            let _ = done.send((chunk, r));
+        });
     }
 
     /// fdatasync the origin on a blocking thread, so the node serves on

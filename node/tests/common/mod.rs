@@ -214,6 +214,9 @@ impl Tree {
                 // (Tests of their asynchrony drive a lone root instead.)
                 Action::OriginRead { chunk } => self.nodes[i].serve_origin_read(chunk, self.clock),
                 Action::OriginSync => self.nodes[i].serve_origin_sync(self.clock),
+                Action::OriginWrite { chunk, data } => {
+                    self.nodes[i].serve_origin_write(chunk, &data, self.clock)
+                }
                 // The connection closes: what is in flight on it is lost,
                 // and the child sees its transport fail.
                 Action::CloseChild(c) => {
