@@ -87,13 +87,13 @@ impl CacheStack<Detached> {
         chunk != crate::set::EMPTY && self.discard_cached(chunk)
     }
 
-    /// Every chunk in the victim repository, oldest first (the owner may
-    /// skip some over-capacity ones it cannot give back yet, and take later
-    /// ones instead).
-    pub fn victims(&self) -> Vec<u64> {
+    /// Up to `max` chunks of the victim repository, oldest first (the
+    /// owner may skip over-capacity ones it cannot give back yet, and take
+    /// later ones instead).
+    pub fn victims(&self, max: usize) -> Vec<u64> {
         let _layout = self.layout.read();
         let mv = self.movement.lock();
-        mv.victim.iter_oldest().map(|(c, _)| c).collect()
+        mv.victim.iter_oldest().map(|(c, _)| c).take(max).collect()
     }
 
     /// How many chunks the victim repository holds beyond its capacity.

@@ -45,7 +45,8 @@ fn misses_are_reported_and_nothing_leaves_by_itself() {
     }
     // 4 ways in the tier, so 8 went to the repository, 6 over its capacity;
     // no back-pressure dropped any of them.
-    assert_eq!(stack.victims().len(), 8);
+    assert_eq!(stack.victims(usize::MAX).len(), 8);
+    assert_eq!(stack.victims(3).len(), 3);
     assert_eq!(stack.victim_excess(), 6);
     for c in 0..12u64 {
         assert!(stack.lookup(c, &mut buf).expect("lookup"), "chunk {c}");
@@ -53,7 +54,7 @@ fn misses_are_reported_and_nothing_leaves_by_itself() {
     }
     stack.check_invariants().expect("invariants");
     // The owner takes victims out, with their bytes.
-    let v = stack.victims();
+    let v = stack.victims(usize::MAX);
     let first = v[0];
     let data = stack.take_victim(first).expect("in the repository");
     assert_eq!(&data[..], &bytes(first as u8)[..]);
@@ -129,7 +130,7 @@ proptest! {
                     prop_assert_eq!(stack.remove(c), model.remove(&c).is_some());
                 }
                 Op::Take(n) => {
-                    if let Some(&c) = stack.victims().get(n) {
+                    if let Some(&c) = stack.victims(usize::MAX).get(n) {
                         let data = stack.take_victim(c).expect("listed");
                         let t = model.remove(&c).expect("in the model");
                         prop_assert_eq!(&data[..], &bytes(t)[..]);

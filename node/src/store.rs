@@ -21,6 +21,9 @@ use bytes::{Bytes, BytesMut};
 use canopy_cache::layout::stack_layout;
 use canopy_cache::{CacheError, CacheStack, Detached, StackStats};
 
+/// Victims looked at beyond the excess in one cleaner pass.
+const VICTIM_SCAN: usize = 64;
+
 /// The chunk store. See the module docs.
 #[derive(Default)]
 pub(crate) struct Store {
@@ -159,7 +162,10 @@ impl Store {
         }
         let mut v: Vec<u64> = self.loose.keys().copied().collect();
         if let Some(stack) = &self.stack {
-            v.extend(stack.victims());
+            // Bounded, as this runs after every request: when the oldest
+            // victims cannot leave yet (children hold them), only a few
+            // more than the excess are tried, not the whole repository.
+            v.extend(stack.victims(excess + VICTIM_SCAN));
         }
         (excess, v)
     }
