@@ -1,5 +1,11 @@
-//! The root's group commit: fdatasync runs off the node's thread, one at a
-//! time, and each covers every origin write completed before it started.
+//! The root's origin writes and group commit, off the node's thread.
+//!
+//! Writes: [`Action::OriginWrite`], one per chunk in flight (a newer one
+//! waits in the row), completed by [`Node::origin_written`]; until then the
+//! row keeps the bytes and nothing reads them.
+//!
+//! fdatasync runs one at a time, and each covers every origin write
+//! completed before it started.
 //!
 //! A request that needs a chunk durable (a sync write, a FORCE_SYNC FLUSH
 //! barrier) asks [`Node::await_durable`]: ready at once if the chunk has no

@@ -222,10 +222,11 @@ impl Node {
         n
     }
 
-    /// The root's origin, for a driver that serves [`Action::OriginRead`] on
-    /// other threads. Writes and fdatasync stay with the node (they run
-    /// synchronously in [`Node::handle_child`] and friends), so a driver
-    /// should only read through it.
+    /// The root's origin, for a driver that serves [`Action::OriginRead`],
+    /// [`Action::OriginWrite`] and [`Action::OriginSync`] on other threads.
+    /// The node does no I/O on it itself, except in the `serve_origin_*`
+    /// helpers a thread-less driver may call; it asks through those actions,
+    /// at most one write per chunk at a time.
     pub fn origin(&self) -> Option<Arc<dyn Backing>> {
         self.origin.clone()
     }
