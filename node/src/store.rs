@@ -30,8 +30,6 @@ pub(crate) struct Store {
     stack: Option<CacheStack<Detached>>,
     /// Deterministic order (the simulation replays seeds): a BTreeMap.
     loose: BTreeMap<u64, Bytes>,
-    /// Tier I/O errors that lost a chunk's bytes or refused them.
-    pub(crate) errors: u64,
 }
 
 impl Store {
@@ -65,7 +63,7 @@ impl Store {
     /// otherwise (a FLUSH, an INVALIDATE answer, `inspect`) it stays put.
     /// `None` if the store does not have it, or a tier's I/O error lost it
     /// (logged and counted; the chunk is dropped).
-    pub(crate) fn get(&mut self, chunk: u64, promote: bool) -> Option<Bytes> {
+    pub(crate) fn get(&self, chunk: u64, promote: bool) -> Option<Bytes> {
         if let Some(d) = self.loose.get(&chunk) {
             return Some(d.clone());
         }
@@ -80,8 +78,8 @@ impl Store {
             Ok(true) => Some(buf.freeze()),
             Ok(false) => None,
             Err(e) => {
+                // Counted by the tier (`io_errors` in the stack's stats).
                 tracing::error!(chunk, error = %e, "cache tier lost a chunk");
-                self.errors += 1;
                 stack.remove(chunk);
                 None
             }
@@ -114,7 +112,6 @@ impl Store {
                         // Kept loose instead, so nothing is lost; it is
                         // given back first.
                         tracing::warn!(chunk, error = %e, "cache tier refused a chunk");
-                        self.errors += 1;
                         stack.remove(chunk);
                     }
                 }
