@@ -33,6 +33,10 @@ impl Node {
         let mut m = Message::new(Opcode::Connect, xid);
         m.params.volume_name = Some(self.cfg.volume_name.clone());
         m.params.connect_flags = Some(self.cfg.write_mode.connect_flag());
+        m.params.key = self
+            .cfg
+            .volume_key
+            .map(|k| bytes::Bytes::copy_from_slice(&k));
         self.upstream = Upstream::Connecting;
         self.send_parent(m);
     }
@@ -235,7 +239,18 @@ impl Node {
 
     fn connect_answered(&mut self, m: Message, ok: bool, now: Millis) {
         let volume_id = m.params.volume_id;
+        let same_keys = m.params.key.as_deref() == self.cfg.volume_key.as_ref().map(|k| &k[..]);
+        let mut status = m.params.status;
         match (ok, volume_id) {
+            (true, Some(_)) if !same_keys => {
+                tracing::error!(
+                    ours = self.cfg.volume_key.is_some(),
+                    theirs = m.params.key.is_some(),
+                    "parent serves the volume with other keys (or one of us has none); not joining"
+                );
+                status = Some(Status::BadVerifier);
+                self.upstream = Upstream::Idle;
+            }
             (true, Some(volume_id)) => {
                 let hb = m.params.hb_ttl_ms.unwrap_or(self.cfg.hb_ttl_ms);
                 self.chunk_size = m.params.chunk_size.unwrap_or(0);
@@ -266,6 +281,10 @@ impl Node {
                 self.upstream = Upstream::Idle;
             }
         }
+        let m = Message {
+            params: canopy_proto::Params { status, ..m.params },
+            ..m
+        };
         self.release_waiting_connects(now);
         let waiting = std::mem::take(&mut self.waiting_local);
         for (id, op) in waiting {
@@ -359,9 +378,12 @@ impl Node {
                 }
                 e.held = granted;
                 e.expiry = Some(expiry);
+                // A dirty copy is newer than the parent's (we held WRITE all
+                // along; only our TTL ran out): keep ours, and its version.
+                if !e.dirty {
+                    e.version = m.params.version.unwrap_or(0);
+                }
                 if let Some(d) = m.params.data {
-                    // A dirty copy is newer than the parent's (we held WRITE
-                    // all along; only our TTL ran out): keep ours.
                     if !e.dirty {
                         self.set_bytes(chunk, d);
                     }
@@ -387,6 +409,7 @@ impl Node {
                 if granted > Perm::No {
                     e.held = granted;
                     e.expiry = Some(expiry);
+                    e.version = m.params.version.unwrap_or(0);
                     e.dirty = false;
                     e.forward_duty = semi;
                     self.dirty.remove(&chunk);
@@ -447,6 +470,7 @@ impl Node {
             return;
         }
         e.expiry = Some(now + u64::from(m.params.ttl_ms.unwrap_or(0)));
+        e.version = m.params.version.unwrap_or(0);
         self.set_bytes(chunk, data);
         self.touch(chunk);
         self.maybe_evict(now);

@@ -88,6 +88,12 @@ pub struct NodeConfig {
     /// cache hits). Off by default: a driver that does not serve them need
     /// not see them.
     pub publish_reads: bool,
+    /// The volume's global identity (a hash of its verifying key, see
+    /// `canopy-keys`) when it was created with keys. CONNECT carries it
+    /// both ways in `KEY`: a child and a parent whose identities differ,
+    /// or of which only one has one, refuse each other (BAD_VERIFIER), so
+    /// a keyed volume never talks to a peer that would send unsealed data.
+    pub volume_key: Option<[u8; 32]>,
 }
 
 impl NodeConfig {
@@ -106,6 +112,7 @@ impl NodeConfig {
             write_mode: WriteMode::Sync,
             connect_lazily: false,
             publish_reads: false,
+            volume_key: None,
         }
     }
 }

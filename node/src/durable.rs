@@ -21,6 +21,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use canopy_proto::Status;
 
 use crate::node::{Action, Node};
+use crate::version::Incoming;
 use crate::Millis;
 
 /// Chunks pending durability beyond which an fdatasync is issued anyway.
@@ -203,6 +204,10 @@ impl Node {
             (None, Err(_)) => {
                 self.durability.pending.remove(&chunk);
                 self.drop_bytes(chunk);
+                // What the origin now holds is not the refused write's data,
+                // so it gets a version of its own: a sealed copy of the
+                // refused data must never pass for it.
+                self.bump_version(chunk, Incoming::Floor(0));
             }
         }
         self.run(chunk, now);

@@ -27,8 +27,14 @@ pub(crate) enum Requester {
 pub(crate) enum Req {
     /// Child GET (`lock` false) or upgrading LOCK: hand out `want`.
     Grant { want: Perm, lock: bool },
-    /// Child PUT: store `data`, then hand out `want`.
-    Put { data: Bytes, want: Perm, sync: bool },
+    /// Child PUT: store `data`, then hand out `want`. `version` is the
+    /// lowest version the data may take (`version.rs`).
+    Put {
+        data: Bytes,
+        want: Perm,
+        sync: bool,
+        version: u64,
+    },
     /// After a child's FLUSH, or for a local `Sync`: send our copy up before
     /// replying. `sync`: to the root (everything the child sent, or the
     /// local user wrote, must be durable there); otherwise one level (a
@@ -86,6 +92,11 @@ pub(crate) struct Entry {
     pub has_data: bool,
     /// `data` is newer than the parent's copy.
     pub dirty: bool,
+    /// The version of the contents this node holds or was granted (0:
+    /// unknown). Learned from the parent with every grant, PUSH and PUT
+    /// reply, raised by every write applied here. Not used at the root,
+    /// whose versions outlive its rows (`Node::version_of`).
+    pub version: u64,
     /// The last write went only as far as the parent (semi-sync): dropping
     /// the chunk needs a FORWARD first.
     pub forward_duty: bool,
@@ -186,6 +197,8 @@ pub struct ChunkView {
     pub data: Option<Bytes>,
     /// Newer than the parent's copy.
     pub dirty: bool,
+    /// The version of those contents (see `Node::version_of`).
+    pub version: u64,
     /// Permissions handed to children.
     pub children: Vec<(ChildId, Perm)>,
 }

@@ -27,6 +27,7 @@ mod node;
 mod server;
 mod store;
 mod timers;
+mod version;
 mod view;
 
 pub use config::{NodeConfig, Role, WriteMode};

@@ -13,6 +13,7 @@ use crate::durable::{Durability, Durable};
 use crate::entry::{ChunkView, Entry, Pending, Req, Requester, UpKind};
 use crate::local::{LocalId, LocalReply};
 use crate::store::Store;
+use crate::version::Incoming;
 use crate::{ChildId, Millis};
 
 /// Something the driver must do.
@@ -106,6 +107,10 @@ pub struct NodeStats {
     /// when several share one.
     #[serde(default)]
     pub origin_syncs: u64,
+    /// Writes that arrived with a version below the chunk's current one
+    /// (see `version.rs`): after failed writes, or a replay.
+    #[serde(default)]
+    pub stale_versions: u64,
 }
 
 /// What an XID we sent stands for.
@@ -182,6 +187,8 @@ pub struct Node {
     pub(crate) store: Store,
     /// The root's writes not yet durable, and its fdatasync in flight.
     pub(crate) durability: Durability,
+    /// The root's chunk versions (`version.rs`).
+    pub(crate) root_versions: crate::version::RootVersions,
     pub(crate) dirty: BTreeSet<u64>,
     /// Chunks with a local write acknowledged but not yet known durable at
     /// the root (see [`Node::unsynced_chunks`]). Kept apart from the rows
@@ -255,6 +262,7 @@ impl Node {
             children: HashMap::new(),
             store: Store::default(),
             durability: Durability::default(),
+            root_versions: Default::default(),
             dirty: BTreeSet::new(),
             unsynced: BTreeSet::new(),
             unsynced_lost: BTreeSet::new(),
@@ -321,6 +329,7 @@ impl Node {
                     None
                 },
                 dirty: e.dirty,
+                version: self.version_of(chunk),
                 children: e.children.clone(),
             },
             None => ChunkView {
@@ -332,6 +341,7 @@ impl Node {
                 usable: self.is_root(),
                 data: None,
                 dirty: false,
+                version: self.version_of(chunk),
                 children: Vec::new(),
             },
         }
@@ -655,7 +665,16 @@ impl Node {
     /// are served meanwhile. An origin read of the chunk still in flight is
     /// marked stale, since it may return the contents from before this
     /// write.
-    pub(crate) fn store_data(&mut self, chunk: u64, data: Bytes) -> Result<(), Status> {
+    ///
+    /// `version` is what the writer said of the data's version; the chunk's
+    /// new version is assigned here (`version.rs`).
+    pub(crate) fn store_data(
+        &mut self,
+        chunk: u64,
+        data: Bytes,
+        version: Incoming,
+    ) -> Result<(), Status> {
+        self.bump_version(chunk, version);
         if self.is_root() {
             if self.origin.is_none() {
                 return Ok(());
@@ -707,6 +726,7 @@ impl Node {
             e.sync_aged = false;
             e.expiry = None;
             e.forward_duty = false;
+            e.version = 0;
         }
         self.dirty.remove(&chunk);
     }
@@ -840,6 +860,7 @@ impl Node {
         reply.params.permissions = Some(keep);
         if carry {
             reply.params.data = self.chunk_bytes(chunk, false);
+            reply.params.version = Some(self.version_of(chunk));
         }
         if let Some(v) = self.parent_volume_id() {
             reply.params.volume_id = Some(v);
@@ -917,6 +938,16 @@ impl Node {
             && need >= Perm::Read
             && !matches!(req, Req::Lock { .. });
         if self.usable(e, now) < need || bytes_gone {
+            // A write that may go up with its data (a sync PUT) waits until
+            // no child holds WRITE: that child's copy is newer than ours, so
+            // the write must land after it, with a version above its (the
+            // simulation's seed 19 had both take the same version).
+            if let (Req::Put { .. } | Req::Write { .. }, Some(writer)) = (&req, e.child_writer()) {
+                if Some(writer) != requester {
+                    self.start_recall(chunk, vec![writer], Perm::No);
+                    return Step::Wait;
+                }
+            }
             return self.acquire(chunk, &req, need, now);
         }
 
@@ -1025,10 +1056,20 @@ impl Node {
         // is the newest there is.
         let has_data = e.has_data && (self.usable(e, now) >= Perm::Read || e.dirty);
         let full = self.chunk_size as usize;
+        // A PUT's data takes a version above any this node knows of the
+        // chunk (our copy may be dirty, newer than the root's): otherwise
+        // the root could give it the version our older copy has.
+        let mut floor = e.version.saturating_add(1);
         let (op, kind, data, sync) = match req {
             Req::Put {
-                data, sync: true, ..
-            } => (IoOp::Put, UpKind::Put, Some(data.clone()), true),
+                data,
+                sync: true,
+                version,
+                ..
+            } => {
+                floor = floor.max(*version);
+                (IoOp::Put, UpKind::Put, Some(data.clone()), true)
+            }
             Req::Write {
                 offset: 0,
                 data,
@@ -1067,6 +1108,9 @@ impl Node {
         m.params.volume_id = Some(volume_id);
         m.params.block_num = Some(chunk);
         m.params.permissions = Some(need);
+        if data.is_some() {
+            m.params.version = Some(floor);
+        }
         m.params.data = data;
         if let Some(e) = self.table.get_mut(&chunk) {
             e.up = Some((xid, kind));
@@ -1114,6 +1158,7 @@ impl Node {
         m.params.block_num = Some(chunk);
         m.params.permissions = Some(want);
         m.params.ttl_ms = Some(ttl);
+        m.params.version = Some(self.version_of(chunk));
         // A child node adopted its parent's HB_TTL on CONNECT; it passes the
         // same value on, unreduced (seed example 1).
         m.params.hb_ttl_ms = Some(self.cfg.hb_ttl_ms);
@@ -1201,6 +1246,7 @@ impl Node {
         m.params.permissions = Some(Perm::Read);
         m.params.data = Some(data);
         m.params.ttl_ms = Some(ttl);
+        m.params.version = Some(self.version_of(chunk));
         // A PUSH has no reply; the XID only names it in traces.
         self.outstanding.remove(&xid);
         self.stats.pushes_sent += 1;
@@ -1229,12 +1275,12 @@ impl Node {
                     return step;
                 }
             }
-            let new = match req {
-                Req::Put { data, .. } => Ok(data.clone()),
-                Req::Write { offset, data, .. } => self.merge(chunk, *offset, data),
-                _ => Ok(Bytes::new()),
+            let (new, floor) = match req {
+                Req::Put { data, version, .. } => (Ok(data.clone()), *version),
+                Req::Write { offset, data, .. } => (self.merge(chunk, *offset, data), 0),
+                _ => (Ok(Bytes::new()), 0),
             };
-            let stored = new.and_then(|d| self.store_data(chunk, d));
+            let stored = new.and_then(|d| self.store_data(chunk, d, Incoming::Floor(floor)));
             if let Err(s) = stored {
                 self.answer(from, Err(s));
                 return Step::Done;
@@ -1314,6 +1360,9 @@ impl Node {
         m.params.volume_id = Some(volume_id);
         m.params.block_num = Some(chunk);
         m.params.permissions = Some(keep);
+        if data.is_some() {
+            m.params.version = Some(self.version_of(chunk));
+        }
         m.params.data = data;
         if let Some(e) = self.table.get_mut(&chunk) {
             e.up = Some((xid, UpKind::Flush));
@@ -1412,6 +1461,7 @@ impl Node {
                 m.params.block_num = Some(chunk);
                 m.params.permissions = Some(granted);
                 m.params.ttl_ms = Some(ttl);
+                m.params.version = Some(self.version_of(chunk));
                 self.send_child(child, m);
             }
         }

@@ -7,6 +7,7 @@ use canopy_proto::{ConnectFlags, Flags, IoOp, Message, Opcode, ParamType, Perm, 
 use crate::config::WriteMode;
 use crate::entry::{Req, Requester};
 use crate::node::{ChildConn, Node, Outstanding, Upstream};
+use crate::version::Incoming;
 use crate::{ChildId, Millis};
 
 impl Node {
@@ -55,6 +56,20 @@ impl Node {
             self.send_child(child, Message::err_reply(xid, Status::NoSuchVolume));
             return;
         }
+        if m.params.key.as_deref() != self.cfg.volume_key.as_ref().map(|k| &k[..]) {
+            // Keys differ, or only one side has any: the child could not
+            // open what we send, or would send what we cannot verify.
+            tracing::warn!(
+                child,
+                ours = self.cfg.volume_key.is_some(),
+                theirs = m.params.key.is_some(),
+                "CONNECT refused: the child's volume keys differ"
+            );
+            let mut e = Message::err_reply(xid, Status::BadVerifier);
+            e.params.err_param = Some(ParamType::Key as u16);
+            self.send_child(child, e);
+            return;
+        }
         match self.upstream {
             Upstream::None | Upstream::Connected { .. } => {}
             Upstream::Idle => {
@@ -83,6 +98,7 @@ impl Node {
         r.params.hb_ttl_ms = Some(self.cfg.hb_ttl_ms);
         r.params.chunk_size = Some(self.chunk_size);
         r.params.volume_size = Some(self.volume_size);
+        r.params.key = self.cfg.volume_key.map(|k| Bytes::copy_from_slice(&k));
         let info = if self.is_root() {
             ConnectFlags::IS_ROOT
         } else {
@@ -188,13 +204,19 @@ impl Node {
                         self.send_child(child, e);
                         return;
                     };
-                    Req::Put { data, want, sync }
+                    Req::Put {
+                        data,
+                        want,
+                        sync,
+                        version: m.params.version.unwrap_or(0),
+                    }
                 }
                 Some(IoOp::Flush) => match self.child_flush(
                     chunk,
                     child,
                     want,
                     m.params.data.clone(),
+                    m.params.version.unwrap_or(0),
                     sync,
                     xid,
                     now,
@@ -235,6 +257,7 @@ impl Node {
         child: ChildId,
         keep: Perm,
         data: Option<Bytes>,
+        version: u64,
         sync: bool,
         xid: u32,
         now: Millis,
@@ -253,7 +276,7 @@ impl Node {
                     "FLUSH data superseded by a newer full-chunk write"
                 );
             } else if record == Perm::Write {
-                if let Err(s) = self.store_data(chunk, d) {
+                if let Err(s) = self.store_data(chunk, d, Incoming::Exact(version)) {
                     self.send_child(child, Message::err_reply(xid, s));
                     return None;
                 }
@@ -334,6 +357,7 @@ impl Node {
         // Dirty data recalled while the head write is already applied (its
         // full chunk went up in our PUT) predates that write: drop it.
         let superseded = self.head_applied(chunk);
+        let version = m.params.version.unwrap_or(0);
         if let (Some(d), Perm::Write) = (m.params.data, record) {
             if superseded {
                 tracing::debug!(
@@ -342,7 +366,7 @@ impl Node {
                     "recalled data superseded by a newer full-chunk write"
                 );
             } else if d.len() == self.chunk_size as usize {
-                let _ = self.store_data(chunk, d);
+                let _ = self.store_data(chunk, d, Incoming::Exact(version));
             } else {
                 tracing::warn!(
                     child,

@@ -156,6 +156,9 @@ impl Node {
         m.params.volume_id = Some(volume_id);
         m.params.block_num = Some(chunk);
         m.params.permissions = Some(keep.min(held));
+        if data.is_some() {
+            m.params.version = Some(self.version_of(chunk));
+        }
         m.params.data = data;
         self.send_parent(m);
         if forward {

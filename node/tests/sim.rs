@@ -234,6 +234,11 @@ struct Sim {
     void_locks: HashMap<usize, bool>,
     /// Holds the disk tiers' files while the nodes run.
     _cache_dir: Option<tempfile::TempDir>,
+    /// Every (chunk, version) the root has held, with its contents: a
+    /// version names one content, wherever it is found.
+    versions: HashMap<(u64, u64), Bytes>,
+    /// The root's last version of each chunk (versions never go down).
+    root_version: HashMap<u64, u64>,
 }
 
 /// Something the scheduler can make happen next.
@@ -360,6 +365,8 @@ impl Sim {
             lock_epoch: HashMap::new(),
             void_locks: HashMap::new(),
             _cache_dir: cache_dir,
+            versions: HashMap::new(),
+            root_version: HashMap::new(),
         };
         for i in 1..count {
             sim.nodes[i].parent_up(sim.now);
@@ -1143,9 +1150,61 @@ impl Sim {
     }
 
     /// The invariants, after every step.
-    fn check(&self) {
+    fn check(&mut self) {
         self.check_permissions();
         self.check_reads();
+        self.check_versions();
+    }
+
+    /// Versions (`node/src/version.rs`): the root's only rise, a version
+    /// the root held names one content for good, and every clean copy of a
+    /// version the root held has that content.
+    fn check_versions(&mut self) {
+        for chunk in 0..LOCK_CHUNK {
+            let root = self.nodes[0].inspect(chunk, self.now);
+            let last = self.root_version.insert(chunk, root.version).unwrap_or(0);
+            if root.version < last {
+                self.fail(format!(
+                    "root's version of chunk {chunk} went down from {last} to {}",
+                    root.version
+                ));
+            }
+            // The root's contents: its bytes, else (no write in flight) the
+            // origin's.
+            let content = match root.data {
+                Some(d) => Some(d),
+                None if !self.writes.iter().any(|(c, _)| *c == chunk) => {
+                    Some(self.origin_chunk(chunk))
+                }
+                None => None,
+            };
+            if let Some(d) = content {
+                let known = self
+                    .versions
+                    .entry((chunk, root.version))
+                    .or_insert(d.clone());
+                if *known != d {
+                    self.fail(format!(
+                        "root's chunk {chunk} changed contents at version {}",
+                        root.version
+                    ));
+                }
+            }
+            for i in 1..self.nodes.len() {
+                let v = self.nodes[i].inspect(chunk, self.now);
+                let Some(d) = v.data.filter(|_| !v.dirty && v.version != 0) else {
+                    continue;
+                };
+                if let Some(known) = self.versions.get(&(chunk, v.version)) {
+                    if *known != d {
+                        self.fail(format!(
+                            "{} holds chunk {chunk} at version {} with other contents than the root had",
+                            self.names[i], v.version
+                        ));
+                    }
+                }
+            }
+        }
     }
 
     fn check_permissions(&self) {
@@ -1339,6 +1398,11 @@ fn writes(op: &Op, half: usize) -> Option<u64> {
 /// Every message crosses the wire format, so the simulation also checks that
 /// the node only ever sends what the codec accepts.
 fn roundtrip(m: Message) -> Message {
+    // Chunk contents always travel with their version (a PUT's is a floor,
+    // see `node/src/version.rs`).
+    if m.params.data.is_some() && m.params.version.is_none() {
+        panic!("node sent chunk contents without their version: {m}");
+    }
     let bytes = Bytes::from(encode_to_vec(&m));
     match decode(&bytes) {
         Ok(d) => d,

@@ -129,7 +129,9 @@ pub fn build_node(cfg: &PeerConfig) -> Result<Node, SetupError> {
             let store = open_origin(path, cfg.size.map(|s| s.0), chunk)?;
             let size = store.size();
             let chunk32 = u32::try_from(chunk).unwrap_or(u32::MAX);
-            Node::new_root(ncfg, Some(Box::new(store)), chunk32, size)
+            let mut node = Node::new_root(ncfg, Some(Box::new(store)), chunk32, size);
+            node.set_version_base(version_base());
+            node
         }
         PeerRole::Proxy | PeerRole::Leaf => {
             for t in &cfg.cache_disk {
@@ -140,6 +142,21 @@ pub fn build_node(cfg: &PeerConfig) -> Result<Node, SetupError> {
     };
     node.set_push_ahead(cfg.push_ahead.unwrap_or(0));
     Ok(node)
+}
+
+/// The root's first chunk version this run (`canopy_node::Node::set_version_base`):
+/// the wall clock in ms, shifted left 20 bits, so that every version an
+/// earlier run handed out is below it (a chunk would need a million writes
+/// per ms of that run's uptime to catch up), without a file to keep.
+/// Depends on the clock not going back across a restart, as the signed
+/// expiries of grants and cookies do.
+fn version_base() -> u64 {
+    let ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| {
+            u64::try_from(d.as_millis()).unwrap_or(u64::MAX >> 20)
+        });
+    ms.min(u64::MAX >> 20) << 20
 }
 
 /// The node builds its disk tiers only once the root announces the chunk
