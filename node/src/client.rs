@@ -308,6 +308,8 @@ impl Node {
         ok: bool,
         now: Millis,
     ) {
+        let data_len = self.data_len();
+        let relay = self.is_relay();
         let Some(e) = self.table.get_mut(&chunk) else {
             return;
         };
@@ -361,11 +363,7 @@ impl Node {
             UpKind::Flush => {}
             UpKind::Acquire => {
                 let need_data = self.chunk_size > 0 && !e.has_data;
-                let bad_size = m
-                    .params
-                    .data
-                    .as_ref()
-                    .is_some_and(|d| d.len() != self.chunk_size as usize);
+                let bad_size = m.params.data.as_ref().is_some_and(|d| d.len() != data_len);
                 if granted == Perm::No || bad_size || (need_data && m.params.data.is_none()) {
                     tracing::warn!(chunk, ?granted, "parent's grant unusable");
                     e.held = e.held.max(granted);
@@ -396,6 +394,10 @@ impl Node {
                 // (it never lowers a record, so this is not less than our
                 // children hold).
                 let put = put_data(e);
+                // A relay's copy is the writer's record, sealed under the
+                // floor it sent; if the root chose another version, that
+                // record must not be served as the chunk's: fetched again.
+                let misversioned = relay && put_version(e) != m.params.version;
                 // A semi-sync PUT left the data with the parent only: dropping
                 // our copy later owes a FORWARD.
                 let semi = matches!(
@@ -413,7 +415,9 @@ impl Node {
                     e.dirty = false;
                     e.forward_duty = semi;
                     self.dirty.remove(&chunk);
-                    if let Some(d) = put {
+                    if misversioned {
+                        self.drop_bytes(chunk);
+                    } else if let Some(d) = put {
                         self.set_bytes(chunk, d);
                     }
                 } else {
@@ -455,7 +459,7 @@ impl Node {
         let (Some(chunk), Some(data)) = (m.params.block_num, m.params.data) else {
             return;
         };
-        if m.params.volume_id != self.parent_volume_id() || data.len() != self.chunk_size as usize {
+        if m.params.volume_id != self.parent_volume_id() || data.len() != self.data_len() {
             return;
         }
         // Only into an empty row: anything else is mid-transaction, and the
@@ -474,6 +478,14 @@ impl Node {
         self.set_bytes(chunk, data);
         self.touch(chunk);
         self.maybe_evict(now);
+    }
+}
+
+/// The version (floor) a child's PUT at the head of the queue carried.
+fn put_version(e: &Entry) -> Option<u64> {
+    match e.queue.front().map(|p| &p.req) {
+        Some(crate::entry::Req::Put { version, .. }) => Some(*version),
+        _ => None,
     }
 }
 

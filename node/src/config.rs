@@ -94,6 +94,13 @@ pub struct NodeConfig {
     /// or of which only one has one, refuse each other (BAD_VERIFIER), so
     /// a keyed volume never talks to a peer that would send unsealed data.
     pub volume_key: Option<[u8; 32]>,
+    /// Set on an untrusted relay (issue 4), which holds only the volume's
+    /// verifying key: the bytes it stores and forwards for a chunk are a
+    /// sealed record this many bytes longer than the chunk, which it can
+    /// neither open nor write. It acknowledges no write itself: each goes
+    /// to its parent first, and dirty data a child gives back goes up
+    /// before anything else is served on the chunk (see `node.rs`).
+    pub relay: Option<usize>,
 }
 
 impl NodeConfig {
@@ -113,6 +120,7 @@ impl NodeConfig {
             connect_lazily: false,
             publish_reads: false,
             volume_key: None,
+            relay: None,
         }
     }
 }

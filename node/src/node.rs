@@ -296,6 +296,17 @@ impl Node {
         self.chunk_size
     }
 
+    /// Whether this node is an untrusted relay (`NodeConfig::relay`).
+    pub fn is_relay(&self) -> bool {
+        self.cfg.relay.is_some()
+    }
+
+    /// The length of a chunk's bytes as this node stores and forwards
+    /// them: the chunk, or at a relay its sealed record.
+    pub(crate) fn data_len(&self) -> usize {
+        self.chunk_size as usize + self.cfg.relay.unwrap_or(0)
+    }
+
     /// Volume size in bytes (0 until a child has connected).
     pub fn volume_size(&self) -> u64 {
         self.volume_size
@@ -937,7 +948,24 @@ impl Node {
             && !e.has_data
             && need >= Perm::Read
             && !matches!(req, Req::Lock { .. });
-        if self.usable(e, now) < need || bytes_gone {
+        // A relay holds dirty data only briefly (a child's FLUSH or
+        // INVALIDATE answer on its way up), and sends it up before anything
+        // else is served on the chunk, a write included: it can vouch for
+        // nothing, and a PUT passing it up could otherwise take the version
+        // of the copy it holds (the simulation's seed 417).
+        if self.is_relay() && e.dirty && e.held == Perm::Write {
+            let keep = e.held;
+            return if self.flush_up(chunk, true, keep, now) {
+                Step::Wait
+            } else {
+                Step::Done
+            };
+        }
+        // A relay never applies a PUT itself, even holding WRITE: only the
+        // trusted node that does can give it a version (its record was
+        // sealed under a floor), and the reply brings that version back.
+        let relay_put = self.is_relay() && matches!(req, Req::Put { .. });
+        if self.usable(e, now) < need || bytes_gone || relay_put {
             // A write that may go up with its data (a sync PUT) waits until
             // no child holds WRITE: that child's copy is newer than ours, so
             // the write must land after it, with a version above its (the
@@ -1060,15 +1088,18 @@ impl Node {
         // chunk (our copy may be dirty, newer than the root's): otherwise
         // the root could give it the version our older copy has.
         let mut floor = e.version.saturating_add(1);
+        let relay = self.is_relay();
         let (op, kind, data, sync) = match req {
             Req::Put {
                 data,
-                sync: true,
+                sync,
                 version,
                 ..
-            } => {
-                floor = floor.max(*version);
-                (IoOp::Put, UpKind::Put, Some(data.clone()), true)
+            } if *sync || relay => {
+                // A relay cannot re-seal, so the record goes up with the
+                // version its writer sealed it under.
+                floor = if relay { *version } else { floor.max(*version) };
+                (IoOp::Put, UpKind::Put, Some(data.clone()), *sync)
             }
             Req::Write {
                 offset: 0,
@@ -1260,6 +1291,7 @@ impl Node {
             Req::Write { sync, semi, .. } => (*sync, *semi),
             _ => (false, false),
         };
+        let relay = self.is_relay();
         let applied = self
             .table
             .get(&chunk)
@@ -1287,8 +1319,10 @@ impl Node {
             }
             if let Some(p) = self.table.get_mut(&chunk).and_then(|e| e.queue.front_mut()) {
                 p.applied = true;
-                // The root's origin is as far as data goes.
-                p.propagated = self.cfg.role == Role::Root || !(sync || semi);
+                // The root's origin is as far as data goes. A relay
+                // acknowledges nothing itself (only a trusted node can
+                // vouch for a write): it passes every write up.
+                p.propagated = self.cfg.role == Role::Root || !(sync || semi || relay);
             }
             if let Some(e) = self.table.get_mut(&chunk) {
                 e.forward_duty = false;

@@ -148,7 +148,7 @@ impl Node {
             return Err(bad(Status::OutOfRange, ParamType::BlockNum));
         }
         if let Some(d) = &m.params.data {
-            if d.len() != self.chunk_size as usize {
+            if d.len() != self.data_len() {
                 return Err(bad(Status::BadParamLength, ParamType::Data));
             }
         }
@@ -306,6 +306,14 @@ impl Node {
                 keep: held,
             });
         }
+        // A relay vouches for no write: the data goes on up before the
+        // reply, which the next trusted node's answer makes.
+        if self.is_relay() && had_data && record == Perm::Write {
+            return Some(Req::PassUp {
+                sync: false,
+                keep: Perm::Read,
+            });
+        }
         // A writer gave its chunk up to a proxy: pass the data on now and keep
         // a copy for reading (seed example 4), rather than sit on the only
         // copy until our own sync daemon runs.
@@ -365,7 +373,7 @@ impl Node {
                     chunk,
                     "recalled data superseded by a newer full-chunk write"
                 );
-            } else if d.len() == self.chunk_size as usize {
+            } else if d.len() == self.data_len() {
                 let _ = self.store_data(chunk, d, Incoming::Exact(version));
             } else {
                 tracing::warn!(

@@ -13,8 +13,14 @@
 //! transient copies of what its origin holds (the origin is its store), a
 //! dataless lock volume's empty chunks, and a chunk a disk tier refused
 //! (an I/O error), which is then first in line to be given back.
+//!
+//! A relay's bytes are sealed records, a fixed number of bytes longer than
+//! a chunk (`NodeConfig::relay`). The stack's slots are a power of two, so
+//! a record's first `chunk_size` bytes (ciphertext) go into the stack and
+//! the rest (tag, nonce, signature, version) into `tails`, in memory:
+//! about a hundred bytes a chunk rather than a second slot.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 
 use bytes::{Bytes, BytesMut};
@@ -30,6 +36,11 @@ pub(crate) struct Store {
     stack: Option<CacheStack<Detached>>,
     /// Deterministic order (the simulation replays seeds): a BTreeMap.
     loose: BTreeMap<u64, Bytes>,
+    /// A relay's record tails, for the chunks in the stack (see the module
+    /// docs); empty on a trusted node.
+    tails: HashMap<u64, Bytes>,
+    /// How much longer than a chunk a relay's records are.
+    overhead: usize,
 }
 
 impl Store {
@@ -38,12 +49,17 @@ impl Store {
     /// are dropped (there are none before the first CONNECT, and none after
     /// a parent loss voided every chunk). A stack already built for this
     /// chunk size is kept.
+    ///
+    /// `overhead`: a relay's records are that many bytes longer than a
+    /// chunk (0 on a trusted node).
     pub(crate) fn build(
         &mut self,
         chunk_size: u32,
         mem_bytes: u64,
         disks: &[(PathBuf, u64)],
+        overhead: usize,
     ) -> Result<(), CacheError> {
+        self.overhead = overhead;
         if let Some(s) = &self.stack {
             if s.chunk_size() == chunk_size as usize {
                 return Ok(());
@@ -51,6 +67,7 @@ impl Store {
         }
         self.stack = None;
         self.loose.clear();
+        self.tails.clear();
         let cs = chunk_size as usize;
         let config = stack_layout(cs, mem_bytes, disks, 1)
             .map_err(|e| CacheError::InvalidConfig(e.to_string()))?;
@@ -75,7 +92,7 @@ impl Store {
             stack.peek(chunk, &mut buf).map(|r| r.is_some())
         };
         match found {
-            Ok(true) => Some(buf.freeze()),
+            Ok(true) => Some(self.with_tail(chunk, buf)),
             Ok(false) => None,
             Err(e) => {
                 // Counted by the tier (`io_errors` in the stack's stats).
@@ -94,18 +111,30 @@ impl Store {
         let stack = self.stack.as_ref()?;
         let mut buf = BytesMut::zeroed(stack.chunk_size());
         match stack.peek(chunk, &mut buf) {
-            Ok(Some(_)) => Some(buf.freeze()),
+            Ok(Some(_)) => Some(self.with_tail(chunk, buf)),
             _ => None,
         }
+    }
+
+    /// A chunk's bytes from the stack, with its record tail on a relay.
+    fn with_tail(&self, chunk: u64, mut buf: BytesMut) -> Bytes {
+        if let Some(t) = self.tails.get(&chunk) {
+            buf.extend_from_slice(t);
+        }
+        buf.freeze()
     }
 
     /// Store `data` as the chunk's bytes, replacing what was there.
     pub(crate) fn put(&mut self, chunk: u64, data: Bytes) {
         if let Some(stack) = &self.stack {
-            if data.len() == stack.chunk_size() {
-                match stack.insert(chunk, &data) {
+            let cs = stack.chunk_size();
+            if data.len() == cs + self.overhead {
+                match stack.insert(chunk, &data[..cs]) {
                     Ok(()) => {
                         self.loose.remove(&chunk);
+                        if self.overhead > 0 {
+                            self.tails.insert(chunk, data.slice(cs..));
+                        }
                         return;
                     }
                     Err(e) => {
@@ -122,6 +151,7 @@ impl Store {
 
     /// Drop the chunk's bytes.
     pub(crate) fn remove(&mut self, chunk: u64) {
+        self.tails.remove(&chunk);
         if self.loose.remove(&chunk).is_none() {
             if let Some(stack) = &self.stack {
                 stack.remove(chunk);
@@ -137,7 +167,11 @@ impl Store {
         }
         let stack = self.stack.as_ref()?;
         if let Some(b) = stack.take_victim(chunk) {
-            return Some(Bytes::from(Vec::from(b)));
+            let mut v = Vec::from(b);
+            if let Some(t) = self.tails.remove(&chunk) {
+                v.extend_from_slice(&t);
+            }
+            return Some(Bytes::from(v));
         }
         let d = self.get(chunk, false)?;
         self.remove(chunk);
@@ -186,12 +220,13 @@ impl crate::Node {
         }
         let mem = (self.cfg.capacity_chunks as u64).saturating_mul(u64::from(cs));
         let disks = self.cfg.cache_disk.clone();
-        if let Err(e) = self.store.build(cs, mem, &disks) {
+        let overhead = self.cfg.relay.unwrap_or(0);
+        if let Err(e) = self.store.build(cs, mem, &disks, overhead) {
             tracing::error!(error = %e, "cannot build the cache stack as configured");
             if disks.is_empty() {
                 return;
             }
-            if let Err(e) = self.store.build(cs, mem, &[]) {
+            if let Err(e) = self.store.build(cs, mem, &[], overhead) {
                 tracing::error!(error = %e, "cannot build a memory-only cache stack either");
             } else {
                 tracing::error!("serving with the memory tier only");

@@ -91,6 +91,9 @@ impl Node {
     pub(crate) fn bump_version(&mut self, chunk: u64, incoming: Incoming) -> u64 {
         let cur = self.version_of(chunk);
         let new = match incoming {
+            // A relay cannot re-seal: its copy keeps the version its
+            // writer sealed it under.
+            Incoming::Exact(v) | Incoming::Floor(v) if self.is_relay() => v,
             Incoming::Exact(v) if v != 0 && v == cur => cur,
             Incoming::Exact(v) => {
                 if v != 0 && v < cur {

@@ -239,6 +239,11 @@ struct Sim {
     versions: HashMap<(u64, u64), Bytes>,
     /// The root's last version of each chunk (versions never go down).
     root_version: HashMap<u64, u64>,
+    /// Nodes that are untrusted relays: they hold sealed records (see
+    /// `hop`).
+    relays: Vec<bool>,
+    /// Records that crossed a hop to or from a relay.
+    relayed: usize,
 }
 
 /// Something the scheduler can make happen next.
@@ -284,6 +289,12 @@ impl Sim {
         let cache_dir = crng
             .chance(33)
             .then(|| tempfile::tempdir().expect("temporary directory"));
+        // A quarter of the seeds make each proxy an untrusted relay (its own
+        // stream, so the others replay).
+        let mut rrng = Rng::new(seed ^ 0x0011_e1a7_5eed);
+        let relays: Vec<bool> = (0..names.len())
+            .map(|i| parent[i].is_some() && !leaves.contains(&i) && rrng.chance(25))
+            .collect();
         let origin = MemOrigin::new();
         let mut nodes = Vec::new();
         let mut modes = Vec::new();
@@ -305,6 +316,12 @@ impl Sim {
             if faults {
                 // Drawn all the same, so the rest of the stream is unchanged.
                 cfg.write_mode = WriteMode::Sync;
+            }
+            if relays[i] {
+                cfg.relay = Some(RECORD_TAIL);
+                if !faults {
+                    cfg.write_mode = WriteMode::SemiSync;
+                }
             }
             cfg.connect_lazily = !leaves.contains(&i);
             cfg.publish_reads = publishing[i];
@@ -367,6 +384,8 @@ impl Sim {
             _cache_dir: cache_dir,
             versions: HashMap::new(),
             root_version: HashMap::new(),
+            relays,
+            relayed: 0,
         };
         for i in 1..count {
             sim.nodes[i].parent_up(sim.now);
@@ -1024,13 +1043,57 @@ impl Sim {
         let Some(p) = self.parent[i] else { return };
         if upward {
             if let Some(m) = self.up[i].pop_front() {
+                let m = self.hop(i, p, m);
                 self.nodes[p].handle_child(self.conn[i], m, self.now);
                 self.drain(p);
             }
         } else if let Some(m) = self.down[i].pop_front() {
+            let m = self.hop(p, i, m);
             self.nodes[i].handle_parent(m, self.now);
             self.drain(i);
         }
+    }
+
+    /// What the drivers do to chunk data between `from` and `to` when
+    /// either is a relay: a trusted sender seals it (here: appends a tail
+    /// of version and checksum, standing for the signed record), a relay
+    /// forwards the record as it is, and every receiver checks it (the
+    /// signature over chunk, version and contents); a trusted one strips
+    /// the tail. A record that fails the check is a relay forwarding
+    /// something under the wrong chunk or version: a bug, not a fault.
+    fn hop(&mut self, from: usize, to: usize, mut m: Message) -> Message {
+        let (Some(data), Some(chunk)) = (m.params.data.clone(), m.params.block_num) else {
+            return m;
+        };
+        if self.relays[from] || self.relays[to] {
+            self.relayed += 1;
+        }
+        let version = m.params.version.unwrap_or(0);
+        let data = if self.relays[from] {
+            match open_record(chunk, &data) {
+                Some((v, _)) if v == version => data,
+                Some((v, _)) => self.fail(format!(
+                    "{} sent chunk {chunk}'s record of version {v} as version {version}: {m}",
+                    self.names[from]
+                )),
+                None => self.fail(format!(
+                    "{} sent a record that does not check: {m}",
+                    self.names[from]
+                )),
+            }
+        } else if self.relays[to] {
+            seal_record(chunk, version, &data)
+        } else {
+            data
+        };
+        m.params.data = Some(if self.relays[to] {
+            data
+        } else if self.relays[from] {
+            data.slice(..CHUNK)
+        } else {
+            data
+        });
+        m
     }
 
     fn tick(&mut self, ms: u64) {
@@ -1192,9 +1255,19 @@ impl Sim {
             }
             for i in 1..self.nodes.len() {
                 let v = self.nodes[i].inspect(chunk, self.now);
-                let Some(d) = v.data.filter(|_| !v.dirty && v.version != 0) else {
+                let Some(mut d) = v.data.filter(|_| !v.dirty && v.version != 0) else {
                     continue;
                 };
+                if self.relays[i] {
+                    // A relay's copy is a record: of its own version.
+                    match open_record(chunk, &d) {
+                        Some((rv, data)) if rv == v.version => d = data,
+                        _ => self.fail(format!(
+                            "{} holds chunk {chunk} as version {} in a record that says otherwise",
+                            self.names[i], v.version
+                        )),
+                    }
+                }
                 if let Some(known) = self.versions.get(&(chunk, v.version)) {
                     if *known != d {
                         self.fail(format!(
@@ -1387,6 +1460,43 @@ impl Sim {
     }
 }
 
+/// The bytes a relay's record adds to a chunk in the simulation: version
+/// and checksum, standing for the real seal's tag, nonce and signature.
+const RECORD_TAIL: usize = 16;
+
+/// The checksum standing for the signature: over chunk, version and data.
+fn record_sum(chunk: u64, version: u64, data: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in chunk
+        .to_le_bytes()
+        .iter()
+        .chain(version.to_le_bytes().iter())
+        .chain(data.iter())
+    {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x100_0000_01b3);
+    }
+    h
+}
+
+fn seal_record(chunk: u64, version: u64, data: &[u8]) -> Bytes {
+    let mut v = data.to_vec();
+    v.extend_from_slice(&version.to_le_bytes());
+    v.extend_from_slice(&record_sum(chunk, version, data).to_le_bytes());
+    Bytes::from(v)
+}
+
+/// The record's version and contents, if its checksum holds.
+fn open_record(chunk: u64, rec: &[u8]) -> Option<(u64, Bytes)> {
+    if rec.len() != CHUNK + RECORD_TAIL {
+        return None;
+    }
+    let (data, tail) = rec.split_at(CHUNK);
+    let version = u64::from_le_bytes(tail[..8].try_into().ok()?);
+    let sum = u64::from_le_bytes(tail[8..].try_into().ok()?);
+    (sum == record_sum(chunk, version, data)).then(|| (version, Bytes::copy_from_slice(data)))
+}
+
 /// What a write op writes to `half`, if it writes it.
 fn writes(op: &Op, half: usize) -> Option<u64> {
     match &op.kind {
@@ -1423,6 +1533,8 @@ struct Counts {
     disk_demotions: u64,
     /// Local locks lost with a broken path (and reported to their release).
     locks_lost: u64,
+    /// Records that crossed a hop to or from an untrusted relay.
+    relayed: usize,
 }
 
 fn run_seed(seed: u64, verbose: bool) -> Counts {
@@ -1454,6 +1566,7 @@ fn run_seed(seed: u64, verbose: bool) -> Counts {
             .map(|t| t.demotions)
             .sum(),
         locks_lost: sim.nodes.iter().map(|n| n.stats().locks_lost).sum(),
+        relayed: sim.relayed,
     }
 }
 
@@ -1463,8 +1576,8 @@ fn simulation() {
         let seed: u64 = s.parse().expect("SIM_SEED must be a number");
         let c = run_seed(seed, true);
         println!(
-            "seed {seed}: {} ops, {} writes, {} link breaks, {} failed ops, {} evictions, {} disk-tier demotions, {} locks lost, all invariants held",
-            c.ops, c.writes, c.breaks, c.failed, c.evictions, c.disk_demotions, c.locks_lost
+            "seed {seed}: {} ops, {} writes, {} link breaks, {} failed ops, {} evictions, {} disk-tier demotions, {} locks lost, {} records through relays, all invariants held",
+            c.ops, c.writes, c.breaks, c.failed, c.evictions, c.disk_demotions, c.locks_lost, c.relayed
         );
         return;
     }
@@ -1485,16 +1598,18 @@ fn simulation() {
         t.evictions += c.evictions;
         t.disk_demotions += c.disk_demotions;
         t.locks_lost += c.locks_lost;
+        t.relayed += c.relayed;
     }
     println!(
-        "simulation: {seeds} seeds, {} operations, {} link breaks, {} failed operations, {} evictions, {} disk-tier demotions, {} locks lost, all invariants held",
-        t.ops, t.breaks, t.failed, t.evictions, t.disk_demotions, t.locks_lost
+        "simulation: {seeds} seeds, {} operations, {} link breaks, {} failed operations, {} evictions, {} disk-tier demotions, {} locks lost, {} records through relays, all invariants held",
+        t.ops, t.breaks, t.failed, t.evictions, t.disk_demotions, t.locks_lost, t.relayed
     );
     // The invariants above held through the victim cleaner and the disk
     // tiers only if the seeds exercised them.
     if seeds >= 100 {
         assert!(t.evictions > 0, "no seed evicted anything");
         assert!(t.disk_demotions > 0, "no seed demoted into a disk tier");
+        assert!(t.relayed > 0, "no record crossed a relay");
     }
     if seeds >= 1000 {
         assert!(t.locks_lost > 0, "no seed lost a lock with a broken path");

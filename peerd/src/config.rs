@@ -32,6 +32,10 @@ pub enum PeerRole {
     /// Accesses the volume itself (line protocol on stdin); may also serve
     /// children when it listens.
     Leaf,
+    /// An untrusted relay run by a third party: holds only the volume's
+    /// verifying key, caches and forwards sealed records it can neither
+    /// read nor forge, and checks every one it receives.
+    Relay,
 }
 
 impl PeerRole {
@@ -41,6 +45,7 @@ impl PeerRole {
             PeerRole::Root => "root",
             PeerRole::Proxy => "proxy",
             PeerRole::Leaf => "leaf",
+            PeerRole::Relay => "relay",
         }
     }
 }
@@ -298,6 +303,19 @@ pub struct PeerConfig {
     /// Chunks to PUSH ahead of a child reading sequentially; default 0.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub push_ahead: Option<u32>,
+    /// The volume's trusted key file (`canopy-keys new`), on a volume made
+    /// with keys (root, proxy, leaf): chunk data is sealed on every link.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keys: Option<PathBuf>,
+    /// The volume's relay file, holding only the verifying key (relay
+    /// only, and required there).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify_key: Option<PathBuf>,
+    /// Bad records (failed signature or tag) from the parent before it is
+    /// counted as failed and the link dropped (proxy, leaf, relay on a
+    /// volume with keys); default 3, 0 for never.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_parent_faults: Option<u32>,
 }
 
 /// Why a configuration was refused.
@@ -380,6 +398,9 @@ impl PeerConfig {
             volume_id: None,
             trace_protocol: None,
             push_ahead: None,
+            keys: None,
+            verify_key: None,
+            max_parent_faults: None,
         }
     }
 
@@ -443,10 +464,21 @@ impl PeerConfig {
                 present("cache_disk", !self.cache_disk.is_empty())?;
                 present("write_mode", self.write_mode.is_some())?;
                 present("sync_interval", self.sync_interval.is_some())?;
+                present("verify_key", self.verify_key.is_some())?;
+                present("max_parent_faults", self.max_parent_faults.is_some())?;
             }
-            PeerRole::Proxy | PeerRole::Leaf => {
-                if self.role == PeerRole::Proxy {
+            PeerRole::Proxy | PeerRole::Leaf | PeerRole::Relay => {
+                if matches!(self.role, PeerRole::Proxy | PeerRole::Relay) {
                     required("listen", self.listen.is_some())?;
+                }
+                if self.role == PeerRole::Relay {
+                    required("verify_key", self.verify_key.is_some())?;
+                    // A relay cannot open or write chunks; it passes writes
+                    // on as its children sent them.
+                    present("keys", self.keys.is_some())?;
+                    present("write_mode", self.write_mode.is_some())?;
+                } else {
+                    present("verify_key", self.verify_key.is_some())?;
                 }
                 required("parent", self.parent.is_some())?;
                 present("origin", self.origin.is_some())?;
@@ -576,9 +608,15 @@ impl PeerConfig {
             .map(|t| (t.path.clone(), t.size.0))
             .collect();
         c.write_mode = self.write_mode().to_node();
+        if self.role == PeerRole::Relay {
+            // Writes are answered once the parent has them: a relay
+            // acknowledges nothing itself (`NodeConfig::relay`).
+            c.write_mode = canopy_node::WriteMode::SemiSync;
+            c.relay = Some(crate::seal::RELAY_OVERHEAD);
+        }
         // Seed example 1: a proxy connects upward when its first child needs
         // the volume, not when it starts.
-        c.connect_lazily = self.role == PeerRole::Proxy;
+        c.connect_lazily = matches!(self.role, PeerRole::Proxy | PeerRole::Relay);
         c
     }
 }

@@ -49,11 +49,16 @@ use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 
+use crate::seal::LinkKeys;
 use crate::trace::{Direction, PeerName, Tracer};
 use crate::view::ReadView;
 
 /// Events queued to the node task before readers wait for it.
 const EVENT_QUEUE: usize = 1024;
+
+/// Children's HEARTBEATs queued apart, ahead of everything else (see
+/// `deliver`); beyond this many they wait in the ordinary queue.
+const HEARTBEAT_QUEUE: usize = 64;
 
 /// Origin reads the root runs at once. Enough to keep a disk's queue busy
 /// (and the node's task free) for a tree's worth of readers, bounded so a
@@ -134,6 +139,17 @@ pub struct PeerStats {
     pub node: NodeStats,
     /// Messages that did not decode.
     pub decode_errors: u64,
+    /// Chunk records refused: a bad signature or tag, or data sent unsealed
+    /// on a volume with keys (each answered BAD_VERIFIER, none stored or
+    /// forwarded).
+    #[serde(default)]
+    pub bad_records: u64,
+    /// Of those, the ones from the parent.
+    #[serde(default)]
+    pub bad_records_from_parent: u64,
+    /// Times the parent was dropped for sending too many bad records.
+    #[serde(default)]
+    pub parents_failed: u64,
     /// The cache stack's tiers and victim repository (a proxy or leaf
     /// once connected to a volume with data).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -181,6 +197,8 @@ enum Event {
     },
     Msg(Source, Message),
     Bad(Source, DecodeError),
+    /// A message whose chunk record failed its check (`seal.rs`).
+    BadRecord(Source, Message, String),
     Closed(Source),
     Local(LocalOp, oneshot::Sender<Result<LocalReply, Status>>),
     Stats(oneshot::Sender<PeerStats>),
@@ -304,6 +322,12 @@ pub struct DriverOptions {
     /// Where to keep the node's published reads (a node with
     /// `publish_reads`), for readers outside the driver.
     pub view: Option<Arc<ReadView>>,
+    /// The volume's keys, on a volume made with them: every link seals or
+    /// checks chunk data (`seal.rs`).
+    pub keys: Option<LinkKeys>,
+    /// Records from the parent that fail their check before this node
+    /// counts its parent as misbehaving and drops the link (0: never).
+    pub max_parent_faults: u32,
 }
 
 /// A running driver.
@@ -359,17 +383,25 @@ impl Peer {
 /// Start the driver for `node` on the current tokio runtime.
 pub fn start(node: Node, opts: DriverOptions) -> Peer {
     let (events_tx, events_rx) = mpsc::channel(EVENT_QUEUE);
+    let (heartbeats_tx, heartbeats_rx) = mpsc::channel(HEARTBEAT_QUEUE);
     let (ready_tx, ready_rx) = watch::channel(Readiness::Starting);
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let local_addr = opts.listener.as_ref().and_then(|l| l.local_addr().ok());
 
-    let acceptor = opts
-        .listener
-        .map(|l| tokio::spawn(accept_loop(l, events_tx.clone(), opts.name.clone())));
+    let keys = opts.keys.map(Arc::new);
+    let acceptor = opts.listener.map(|l| {
+        tokio::spawn(accept_loop(
+            l,
+            events_tx.clone(),
+            heartbeats_tx.clone(),
+            opts.name.clone(),
+            keys.clone(),
+        ))
+    });
     let (reset_tx, reset_rx) = mpsc::unbounded_channel();
     let dialer = opts
         .parent
-        .map(|addr| tokio::spawn(parent_loop(addr, events_tx.clone(), reset_rx)));
+        .map(|addr| tokio::spawn(parent_loop(addr, events_tx.clone(), reset_rx, keys.clone())));
     let lazy = node.config().connect_lazily;
     let (done_tx, done_rx) = mpsc::unbounded_channel();
     let (synced_tx, synced_rx) = mpsc::unbounded_channel();
@@ -393,6 +425,7 @@ pub fn start(node: Node, opts: DriverOptions) -> Peer {
         start: Instant::now(),
         timer_floor: 0,
         events: events_rx,
+        heartbeats: heartbeats_rx,
         children: HashMap::new(),
         parent: None,
         reset_tx,
@@ -402,6 +435,11 @@ pub fn start(node: Node, opts: DriverOptions) -> Peer {
         ready: ready_tx,
         lazy,
         decode_errors: 0,
+        bad_records: 0,
+        bad_records_from_parent: 0,
+        parent_faults: 0,
+        max_parent_faults: opts.max_parent_faults,
+        parents_failed: 0,
         acceptor,
         dialer,
         reads,
@@ -455,6 +493,8 @@ struct NodeTask {
     /// the previous ms, so a timer still due then would only spin.
     timer_floor: u64,
     events: mpsc::Receiver<Event>,
+    /// Children's HEARTBEATs, served before `events` (see `run`).
+    heartbeats: mpsc::Receiver<Event>,
     children: HashMap<ChildId, Link>,
     parent: Option<(u64, Link)>,
     /// Tells the parent task to drop link `gen` and dial again.
@@ -465,6 +505,12 @@ struct NodeTask {
     ready: watch::Sender<Readiness>,
     lazy: bool,
     decode_errors: u64,
+    bad_records: u64,
+    bad_records_from_parent: u64,
+    /// Bad records from the current parent link since the last reset.
+    parent_faults: u32,
+    max_parent_faults: u32,
+    parents_failed: u64,
     acceptor: Option<JoinHandle<()>>,
     dialer: Option<JoinHandle<()>>,
     reads: OriginReads,
@@ -537,6 +583,14 @@ impl NodeTask {
                         self.spawn_origin_read(next);
                     }
                 }
+                // A child's HEARTBEAT jumps the queue: an idle child under
+                // a parent busy with another child's writes would otherwise
+                // wait behind up to EVENT_QUEUE of them for its answer, and
+                // in a slow VM that took longer than HB_TTL (scenario h).
+                Some(ev) = self.heartbeats.recv() => {
+                    self.on_event(ev);
+                    self.drain();
+                }
                 ev = self.events.recv() => {
                     // The handle in `Peer` keeps the channel open until the
                     // Peer is dropped, and that closes `shutdown` too.
@@ -576,6 +630,7 @@ impl NodeTask {
             }
             Event::ParentUp { gen, link } => {
                 tracing::info!(node = %self.name, "parent link up");
+                self.parent_faults = 0;
                 if let Some((_, old)) = self.parent.replace((gen, link)) {
                     // Cannot happen (the dialer waits for a link to end before
                     // the next), but an old link must not linger if it does.
@@ -617,6 +672,7 @@ impl NodeTask {
                     }
                 }
             }
+            Event::BadRecord(src, m, why) => self.bad_record(src, m, &why, now),
             Event::Closed(Source::Child(id)) => {
                 if let Some(link) = self.children.remove(&id) {
                     tracing::info!(node = %self.name, child = id, "child disconnected");
@@ -646,6 +702,66 @@ impl NodeTask {
             }
             Event::Unsynced(reply) => {
                 let _ = reply.send(self.node.unsynced_chunks());
+            }
+        }
+    }
+
+    /// A message whose record failed its check: counted, never given to
+    /// the node as it came. A request is refused with BAD_VERIFIER; a reply
+    /// becomes an ERR_REPLY with BAD_VERIFIER for the request it answers,
+    /// so the requester fails (and may retry) instead of waiting; a PUSH is
+    /// dropped. A parent that sends `max_parent_faults` of them is counted
+    /// as failed: the link is dropped and the node runs its parent loss.
+    /// (Re-attaching to another parent comes with failure recovery; this is
+    /// where it will hook in.)
+    fn bad_record(&mut self, src: Source, m: Message, why: &str, now: u64) {
+        if let Source::Parent(gen) = src {
+            if !self.parent_is(gen) {
+                return;
+            }
+        } else if let Source::Child(id) = src {
+            if !self.children.contains_key(&id) {
+                return;
+            }
+        }
+        self.bad_records += 1;
+        tracing::warn!(node = %self.name, peer = %self.peer_name(src), msg = %m, reason = why, "chunk record refused");
+        let xid = m.header.xid;
+        let refuse = || {
+            let mut e = Message::err_reply(xid, Status::BadVerifier);
+            e.params.err_param = Some(canopy_proto::ParamType::Data as u16);
+            e
+        };
+        match (m.header.opcode, src) {
+            (Opcode::IoRequest | Opcode::Forward, Source::Child(id)) => {
+                self.send_child(id, refuse());
+            }
+            (Opcode::OkReply, Source::Child(id)) => {
+                self.record(Direction::Recv, PeerName::Child(id), &m);
+                self.node.handle_child(id, refuse(), now);
+            }
+            (Opcode::OkReply, Source::Parent(_)) => {
+                self.record(Direction::Recv, PeerName::Parent, &m);
+                self.node.handle_parent(refuse(), now);
+            }
+            _ => {}
+        }
+        if let Source::Parent(gen) = src {
+            self.bad_records_from_parent += 1;
+            self.parent_faults += 1;
+            if self.max_parent_faults > 0 && self.parent_faults >= self.max_parent_faults {
+                tracing::error!(
+                    node = %self.name,
+                    faults = self.parent_faults,
+                    "parent sent too many bad records; counting it as failed"
+                );
+                self.parents_failed += 1;
+                self.parent_faults = 0;
+                if let Some((_, link)) = self.parent.take() {
+                    drop(link.close());
+                    let _ = self.reset_tx.send(gen);
+                }
+                self.node.parent_down(now);
             }
         }
     }
@@ -870,6 +986,9 @@ impl NodeTask {
             volume_size: self.node.volume_size(),
             node: self.node.stats().clone(),
             decode_errors: self.decode_errors,
+            bad_records: self.bad_records,
+            bad_records_from_parent: self.bad_records_from_parent,
+            parents_failed: self.parents_failed,
             cache: self.node.cache_stats(),
         }
     }
@@ -940,10 +1059,10 @@ async fn sleep_until_opt(t: Option<Instant>) {
 
 /// Spawn a writer for `wr`, returning the link the node task keeps and the
 /// close signal for the matching reader.
-fn spawn_link(wr: OwnedWriteHalf) -> (Link, Arc<Notify>) {
+fn spawn_link(wr: OwnedWriteHalf, keys: Option<Arc<LinkKeys>>) -> (Link, Arc<Notify>) {
     let (tx, rx) = mpsc::unbounded_channel();
     let close = Arc::new(Notify::new());
-    let writer = tokio::spawn(write_loop(wr, rx));
+    let writer = tokio::spawn(write_loop(wr, rx, keys));
     (
         Link {
             tx,
@@ -954,7 +1073,13 @@ fn spawn_link(wr: OwnedWriteHalf) -> (Link, Arc<Notify>) {
     )
 }
 
-async fn accept_loop(listener: TcpListener, events: mpsc::Sender<Event>, name: String) {
+async fn accept_loop(
+    listener: TcpListener,
+    events: mpsc::Sender<Event>,
+    heartbeats: mpsc::Sender<Event>,
+    name: String,
+    keys: Option<Arc<LinkKeys>>,
+) {
     let mut next_id: ChildId = 1;
     loop {
         let (stream, peer) = match listener.accept().await {
@@ -972,7 +1097,7 @@ async fn accept_loop(listener: TcpListener, events: mpsc::Sender<Event>, name: S
         let id = next_id;
         next_id += 1;
         let (rd, wr) = stream.into_split();
-        let (link, close) = spawn_link(wr);
+        let (link, close) = spawn_link(wr, keys.clone());
         // ChildUp goes first on the same channel the reader will use, so the
         // node task knows the child before any of its messages.
         if events
@@ -982,7 +1107,16 @@ async fn accept_loop(listener: TcpListener, events: mpsc::Sender<Event>, name: S
         {
             return;
         }
-        tokio::spawn(read_loop(rd, Source::Child(id), events.clone(), close));
+        tokio::spawn(read_loop(
+            rd,
+            Source::Child(id),
+            Inbox {
+                events: events.clone(),
+                heartbeats: Some(heartbeats.clone()),
+            },
+            close,
+            keys.clone(),
+        ));
     }
 }
 
@@ -990,6 +1124,7 @@ async fn parent_loop(
     addr: String,
     events: mpsc::Sender<Event>,
     mut resets: mpsc::UnboundedReceiver<u64>,
+    keys: Option<Arc<LinkKeys>>,
 ) {
     let mut gen = 0u64;
     let mut failures = 0u32;
@@ -1022,11 +1157,20 @@ async fn parent_loop(
         gen += 1;
         let up_since = Instant::now();
         let (rd, wr) = stream.into_split();
-        let (link, close) = spawn_link(wr);
+        let (link, close) = spawn_link(wr, keys.clone());
         if events.send(Event::ParentUp { gen, link }).await.is_err() {
             return;
         }
-        let reader = read_loop(rd, Source::Parent(gen), events.clone(), close.clone());
+        let reader = read_loop(
+            rd,
+            Source::Parent(gen),
+            Inbox {
+                events: events.clone(),
+                heartbeats: None,
+            },
+            close.clone(),
+            keys.clone(),
+        );
         tokio::pin!(reader);
         let mut was_reset = false;
         let mut resets_open = true;
@@ -1062,33 +1206,53 @@ async fn parent_loop(
     }
 }
 
+/// Where a link's reader sends what it reads.
+struct Inbox {
+    events: mpsc::Sender<Event>,
+    /// A child link's HEARTBEATs (None on the parent link).
+    heartbeats: Option<mpsc::Sender<Event>>,
+}
+
 async fn read_loop(
     mut rd: OwnedReadHalf,
     src: Source,
-    events: mpsc::Sender<Event>,
+    inbox: Inbox,
     close: Arc<Notify>,
+    keys: Option<Arc<LinkKeys>>,
 ) {
     let mut buf = BytesMut::with_capacity(64 * 1024);
+    // The messages of one read, whose records are checked together (a
+    // relay verifies their signatures as one batch).
+    let mut batch: Vec<Message> = Vec::new();
     'outer: loop {
+        let mut framing_lost = false;
         loop {
             match split_frame(&mut buf) {
-                Ok(Some(frame)) => {
-                    let ev = match decode(&frame) {
-                        Ok(m) => Event::Msg(src, m),
-                        Err(e) => Event::Bad(src, e),
-                    };
-                    if events.send(ev).await.is_err() {
-                        return;
+                Ok(Some(frame)) => match decode(&frame) {
+                    Ok(m) => batch.push(m),
+                    Err(e) => {
+                        if !deliver(&inbox, src, &keys, &mut batch).await
+                            || inbox.events.send(Event::Bad(src, e)).await.is_err()
+                        {
+                            return;
+                        }
                     }
-                }
+                },
                 Ok(None) => break,
                 Err(e) => {
                     // The stream has lost its framing; nothing after this
                     // can be trusted.
                     tracing::warn!(?src, error = %e, "bad frame; closing the connection");
-                    break 'outer;
+                    framing_lost = true;
+                    break;
                 }
             }
+        }
+        if !deliver(&inbox, src, &keys, &mut batch).await {
+            return;
+        }
+        if framing_lost {
+            break 'outer;
         }
         buf.reserve(16 * 1024);
         tokio::select! {
@@ -1103,19 +1267,72 @@ async fn read_loop(
             }
         }
     }
-    let _ = events.send(Event::Closed(src)).await;
+    let _ = inbox.events.send(Event::Closed(src)).await;
 }
 
-async fn write_loop(mut wr: OwnedWriteHalf, mut rx: mpsc::UnboundedReceiver<Message>) {
+/// Check the records of `batch` (if the volume has keys) and hand the
+/// messages to the node task in order; false once the task is gone.
+async fn deliver(
+    inbox: &Inbox,
+    src: Source,
+    keys: &Option<Arc<LinkKeys>>,
+    batch: &mut Vec<Message>,
+) -> bool {
+    if batch.is_empty() {
+        return true;
+    }
+    let checks = match keys {
+        Some(k) => k.incoming(batch),
+        None => Vec::new(),
+    };
+    for (i, m) in batch.drain(..).enumerate() {
+        let ev = match checks.get(i) {
+            Some(Err(e)) => Event::BadRecord(src, m, e.to_string()),
+            _ => Event::Msg(src, m),
+        };
+        let ev = match (&inbox.heartbeats, &ev) {
+            (Some(hb), Event::Msg(_, m)) if m.header.opcode == Opcode::Heartbeat => {
+                match hb.try_send(ev) {
+                    Ok(()) => continue,
+                    // Full (a child flooding HEARTBEATs): the ordinary queue.
+                    Err(mpsc::error::TrySendError::Full(ev)) => ev,
+                    Err(mpsc::error::TrySendError::Closed(_)) => return false,
+                }
+            }
+            _ => ev,
+        };
+        if inbox.events.send(ev).await.is_err() {
+            return false;
+        }
+    }
+    true
+}
+
+async fn write_loop(
+    mut wr: OwnedWriteHalf,
+    mut rx: mpsc::UnboundedReceiver<Message>,
+    keys: Option<Arc<LinkKeys>>,
+) {
     let mut buf = BytesMut::with_capacity(64 * 1024);
+    // Seal (or, at a relay, unpack) the chunk data in a message, then frame
+    // it. A message that cannot be sealed is dropped, never sent in clear.
+    let put = |mut m: Message, buf: &mut BytesMut| {
+        if let Some(k) = &keys {
+            if let Err(e) = k.outgoing(&mut m) {
+                tracing::error!(msg = %m, error = %e, "cannot seal a message; dropped");
+                return;
+            }
+        }
+        write_frame(&m, buf);
+    };
     while let Some(m) = rx.recv().await {
         buf.clear();
-        write_frame(&m, &mut buf);
+        put(m, &mut buf);
         // Batch whatever else is already queued into one write, bounded so
         // a long queue does not build one giant buffer.
         while buf.len() < 1 << 20 {
             match rx.try_recv() {
-                Ok(m) => write_frame(&m, &mut buf),
+                Ok(m) => put(m, &mut buf),
                 Err(_) => break,
             }
         }

@@ -8,6 +8,7 @@ pub mod config;
 pub mod driver;
 pub mod errline;
 pub mod lines;
+pub mod seal;
 pub mod setup;
 pub mod trace;
 pub mod view;

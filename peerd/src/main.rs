@@ -1,4 +1,5 @@
-//! `canopy-peerd`: run one node of a canopy tree (root, proxy or leaf).
+//! `canopy-peerd`: run one node of a canopy tree (root, proxy, leaf or
+//! untrusted relay).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -16,11 +17,19 @@ Examples:
   canopy-peerd leaf  --parent 127.0.0.1:7001 --volume vol --name C --trace-protocol c.trace
   canopy-peerd --config peer.toml
 
+A volume made with keys (canopy-keys new --volume vol --out DIR):
+  canopy-peerd root  ... --keys DIR/vol.key
+  canopy-peerd relay --listen 0.0.0.0:7002 --parent root.example:7000 --volume vol --verify-key vol.verify
+  (a relay runs on a third party's host, as any user, with the .verify file only)
+
+A root, proxy or relay logs its counters as JSON on SIGUSR1 and when it stops.
+
 Sizes: bytes, or a binary suffix (4096, 64K, 1G). Durations: milliseconds, or a
 unit (500ms, 30s, 5m, 1h). Logs go to stderr; set RUST_LOG (e.g. debug).";
 
 /// Run one peer of a canopy tree: a root holding the authoritative copy of a
-/// volume, a proxy that caches and forwards, or a leaf that accesses it.
+/// volume, a proxy that caches and forwards, a leaf that accesses it, or an
+/// untrusted relay that caches and forwards sealed chunks.
 #[derive(Parser, Debug)]
 #[command(
     name = "canopy-peerd",
@@ -31,7 +40,7 @@ unit (500ms, 30s, 5m, 1h). Logs go to stderr; set RUST_LOG (e.g. debug).";
 )]
 struct Cli {
     /// Read every setting from this TOML file (the keys are the long flags
-    /// with `_` for `-`, plus `role = "root"|"proxy"|"leaf"`).
+    /// with `_` for `-`, plus `role = "root"|"proxy"|"leaf"|"relay"`).
     #[arg(long, value_name = "FILE")]
     config: Option<PathBuf>,
 
@@ -56,6 +65,11 @@ enum RoleCmd {
     /// Failures answer `err STATUS`. End of input stops the leaf.
     #[command(verbatim_doc_comment)]
     Leaf(LeafArgs),
+    /// Cache and forward a volume made with keys, as an untrusted third
+    /// party: with only the relay file (the verifying key), it can check
+    /// every chunk record it passes on but neither read nor forge one, and
+    /// it acknowledges no write itself. Runs as any user.
+    Relay(RelayArgs),
 }
 
 /// Settings every role has.
@@ -85,9 +99,31 @@ struct Serving {
     push_ahead: Option<u32>,
 }
 
+/// The volume's trusted key file, on a trusted node.
+#[derive(Args, Debug)]
+struct Keyed {
+    /// The volume's trusted key file (from `canopy-keys new`; mode 0600), for
+    /// a volume made with keys: chunk data is sealed on every link, and
+    /// peers without the same keys are refused.
+    #[arg(long, value_name = "FILE")]
+    keys: Option<PathBuf>,
+}
+
 /// Settings of a node with a parent.
 #[derive(Args, Debug)]
-struct Caching {
+struct Upward {
+    /// The parent's address (HOST:PORT); dialled until it answers.
+    #[arg(long, value_name = "ADDR")]
+    parent: String,
+    /// On a volume with keys: bad chunk records from the parent before it
+    /// counts as failed and the link is dropped [default: 3; 0: never].
+    #[arg(long, value_name = "N")]
+    max_parent_faults: Option<u32>,
+}
+
+/// A cache's size and tiers.
+#[derive(Args, Debug)]
+struct Tiers {
     /// The cache's memory tier, in chunks [default: 4096]. What falls out of
     /// the tiers beyond the victim repository (an eighth as much again) is
     /// given back to the parent, oldest first.
@@ -103,6 +139,13 @@ struct Caching {
     /// own hash function.
     #[arg(long, value_name = "PATH:SIZE")]
     cache_disk: Vec<DiskTier>,
+}
+
+/// A trusted node's cache and write settings.
+#[derive(Args, Debug)]
+struct Caching {
+    #[command(flatten)]
+    tiers: Tiers,
     /// When writes are acknowledged: by the root (sync), the parent
     /// (semi-sync) or this node (async) [default: sync].
     #[arg(long, value_name = "MODE")]
@@ -136,6 +179,8 @@ struct RootArgs {
     #[command(flatten)]
     serving: Serving,
     #[command(flatten)]
+    keyed: Keyed,
+    #[command(flatten)]
     common: Common,
 }
 
@@ -144,22 +189,22 @@ struct ProxyArgs {
     /// Address to accept children on (HOST:PORT).
     #[arg(long, value_name = "ADDR")]
     listen: String,
-    /// The parent's address (HOST:PORT); dialled until it answers.
-    #[arg(long, value_name = "ADDR")]
-    parent: String,
+    #[command(flatten)]
+    upward: Upward,
     #[command(flatten)]
     serving: Serving,
     #[command(flatten)]
     caching: Caching,
+    #[command(flatten)]
+    keyed: Keyed,
     #[command(flatten)]
     common: Common,
 }
 
 #[derive(Args, Debug)]
 struct LeafArgs {
-    /// The parent's address (HOST:PORT); dialled until it answers.
-    #[arg(long, value_name = "ADDR")]
-    parent: String,
+    #[command(flatten)]
+    upward: Upward,
     /// Also accept children on this address.
     #[arg(long, value_name = "ADDR")]
     listen: Option<String>,
@@ -167,6 +212,27 @@ struct LeafArgs {
     serving: Serving,
     #[command(flatten)]
     caching: Caching,
+    #[command(flatten)]
+    keyed: Keyed,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(Args, Debug)]
+struct RelayArgs {
+    /// Address to accept children on (HOST:PORT).
+    #[arg(long, value_name = "ADDR")]
+    listen: String,
+    #[command(flatten)]
+    upward: Upward,
+    /// The volume's relay file (from `canopy-keys new`, `NAME.verify`): the
+    /// verifying key only, which the volume's owner gives relay operators.
+    #[arg(long, value_name = "FILE")]
+    verify_key: PathBuf,
+    #[command(flatten)]
+    serving: Serving,
+    #[command(flatten)]
+    tiers: Tiers,
     #[command(flatten)]
     common: Common,
 }
@@ -187,11 +253,24 @@ impl Serving {
     }
 }
 
-impl Caching {
+impl Tiers {
     fn apply(self, c: &mut PeerConfig) {
         c.cache_chunks = self.cache_chunks;
         c.cache_mem = self.cache_mem;
         c.cache_disk = self.cache_disk;
+    }
+}
+
+impl Upward {
+    fn apply(self, c: &mut PeerConfig) {
+        c.parent = Some(self.parent);
+        c.max_parent_faults = self.max_parent_faults;
+    }
+}
+
+impl Caching {
+    fn apply(self, c: &mut PeerConfig) {
+        self.tiers.apply(c);
         c.write_mode = self.write_mode;
         c.sync_interval = self.sync_interval;
     }
@@ -209,13 +288,15 @@ impl RoleCmd {
                 c.size = a.size;
                 c.hb_ttl = a.hb_ttl;
                 c.grant_ttl = a.grant_ttl;
+                c.keys = a.keyed.keys;
                 a.serving.apply(&mut c);
                 c
             }
             RoleCmd::Proxy(a) => {
                 let mut c = a.common.base(PeerRole::Proxy);
                 c.listen = Some(a.listen);
-                c.parent = Some(a.parent);
+                c.keys = a.keyed.keys;
+                a.upward.apply(&mut c);
                 a.serving.apply(&mut c);
                 a.caching.apply(&mut c);
                 c
@@ -223,9 +304,19 @@ impl RoleCmd {
             RoleCmd::Leaf(a) => {
                 let mut c = a.common.base(PeerRole::Leaf);
                 c.listen = a.listen;
-                c.parent = Some(a.parent);
+                c.keys = a.keyed.keys;
+                a.upward.apply(&mut c);
                 a.serving.apply(&mut c);
                 a.caching.apply(&mut c);
+                c
+            }
+            RoleCmd::Relay(a) => {
+                let mut c = a.common.base(PeerRole::Relay);
+                c.listen = Some(a.listen);
+                c.verify_key = Some(a.verify_key);
+                a.upward.apply(&mut c);
+                a.serving.apply(&mut c);
+                a.tiers.apply(&mut c);
                 c
             }
         }
@@ -260,7 +351,9 @@ fn real_main(cli: Cli) -> Result<()> {
             c.validate("command line")?;
             c
         }
-        (None, None) => bail!("give a role (root, proxy, leaf) or --config FILE; see --help"),
+        (None, None) => {
+            bail!("give a role (root, proxy, leaf, relay) or --config FILE; see --help")
+        }
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -298,11 +391,37 @@ async fn run(cfg: PeerConfig) -> Result<()> {
     if leaf {
         serve_stdin(&peer).await?;
     } else {
-        shutdown_signal().await?;
+        serve_signals(&peer).await?;
     }
     tracing::info!(node = %cfg.name(), "shutting down");
+    log_stats(&peer).await;
     peer.shutdown().await;
     Ok(())
+}
+
+/// A daemon without stdin commands (root, proxy, relay): SIGUSR1 logs its
+/// counters, until SIGTERM or SIGINT.
+async fn serve_signals(peer: &Peer) -> Result<()> {
+    let mut usr1 = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1())
+        .context("cannot watch SIGUSR1")?;
+    loop {
+        tokio::select! {
+            _ = usr1.recv() => log_stats(peer).await,
+            s = shutdown_signal() => return s,
+        }
+    }
+}
+
+/// One log line with the node's counters as JSON (what a leaf's `stats`
+/// command prints).
+async fn log_stats(peer: &Peer) {
+    match peer.handle().stats().await {
+        Ok(s) => match serde_json::to_string(&s) {
+            Ok(json) => tracing::info!(stats = %json, "stats"),
+            Err(e) => tracing::warn!(error = %e, "cannot encode stats"),
+        },
+        Err(e) => tracing::warn!(error = %e, "cannot read stats"),
+    }
 }
 
 /// The leaf: `ready`, then commands until end of input or a signal.

@@ -11,12 +11,17 @@ use tokio::net::TcpListener;
 
 use crate::config::{PeerConfig, PeerRole};
 use crate::driver::{self, DriverOptions, Peer};
+use crate::seal::LinkKeys;
 use crate::trace::{TraceTarget, Tracer};
 use crate::view::ReadView;
 
 /// Why a peer could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
+    /// The volume's key file could not be used (its error says why: a
+    /// missing file, loose permissions, another volume's keys...).
+    #[error(transparent)]
+    Keys(#[from] canopy_keys::KeyError),
     /// The origin could not be opened, created or extended.
     #[error(transparent)]
     Origin(#[from] OriginError),
@@ -117,10 +122,26 @@ pub fn open_origin(
     Ok(store)
 }
 
+/// Load the keys a configuration names: the trusted key file (`keys`) or,
+/// for a relay, the relay file (`verify_key`), each checked to be for this
+/// volume. None for a volume without keys.
+pub fn load_keys(cfg: &PeerConfig) -> Result<Option<LinkKeys>, SetupError> {
+    if let Some(path) = &cfg.keys {
+        let k = canopy_keys::TrustedKeys::load_for(path, &cfg.volume)?;
+        return Ok(Some(LinkKeys::Trusted(Arc::new(k))));
+    }
+    if let Some(path) = &cfg.verify_key {
+        let v = canopy_keys::Verifier::load_for(path, &cfg.volume)?;
+        return Ok(Some(LinkKeys::Relay(Arc::new(v))));
+    }
+    Ok(None)
+}
+
 /// Build the sans-IO node a configuration describes (opening the origin
-/// for a root).
-pub fn build_node(cfg: &PeerConfig) -> Result<Node, SetupError> {
-    let ncfg = cfg.node_config();
+/// for a root), for a volume with `keys` if given.
+pub fn build_node(cfg: &PeerConfig, keys: Option<&LinkKeys>) -> Result<Node, SetupError> {
+    let mut ncfg = cfg.node_config();
+    ncfg.volume_key = keys.map(LinkKeys::volume_key);
     let mut node = match cfg.role {
         PeerRole::Root => {
             let path = cfg.origin.as_deref().ok_or(SetupError::Missing("origin"))?;
@@ -133,7 +154,7 @@ pub fn build_node(cfg: &PeerConfig) -> Result<Node, SetupError> {
             node.set_version_base(version_base());
             node
         }
-        PeerRole::Proxy | PeerRole::Leaf => {
+        PeerRole::Proxy | PeerRole::Leaf | PeerRole::Relay => {
             for t in &cfg.cache_disk {
                 check_disk_tier(&t.path)?;
             }
@@ -209,7 +230,8 @@ pub async fn start_peer_with_view(
 
 async fn start(cfg: &PeerConfig, view: Option<Arc<ReadView>>) -> Result<Peer, SetupError> {
     let name = cfg.name();
-    let mut node = build_node(cfg)?;
+    let keys = load_keys(cfg)?;
+    let mut node = build_node(cfg, keys.as_ref())?;
     node.set_publish_reads(view.is_some());
     let listener = match cfg.listen.as_deref() {
         Some(addr) => Some(
@@ -237,6 +259,8 @@ async fn start(cfg: &PeerConfig, view: Option<Arc<ReadView>>) -> Result<Peer, Se
             parent: cfg.parent.clone(),
             trace,
             view,
+            keys,
+            max_parent_faults: cfg.max_parent_faults.unwrap_or(3),
         },
     );
     if let Some(addr) = peer.local_addr() {
@@ -278,11 +302,11 @@ mod tests {
             path: dir.path().join("missing-dir/t.cache"),
             size: crate::config::Size(1 << 20),
         }];
-        let e = build_node(&cfg).err().unwrap();
+        let e = build_node(&cfg, None).err().unwrap();
         assert!(e.to_string().contains("missing-dir/t.cache"), "{e}");
         // A path that can be created passes, and is not left behind.
         cfg.cache_disk[0].path = dir.path().join("t.cache");
-        assert!(build_node(&cfg).is_ok());
+        assert!(build_node(&cfg, None).is_ok());
         assert!(!dir.path().join("t.cache").exists());
     }
 }

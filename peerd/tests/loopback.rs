@@ -4,31 +4,18 @@
 //! Every wait is bounded by `within`, so a protocol hang fails the test
 //! instead of hanging CI. Nothing asserts on elapsed time.
 
-use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use bytes::Bytes;
 use canopy_peerd::config::{PeerConfig, PeerRole, Size};
 use canopy_peerd::{lines, start_peer, DriverError, Peer, RequestError};
 use canopy_proto::{Perm, Status};
 
+mod common;
+use common::{addr, pattern, start, within};
+
 const CHUNK: u64 = 4096;
 const VOLUME: u64 = 1 << 20;
-
-async fn within<F: Future>(what: &str, f: F) -> F::Output {
-    match tokio::time::timeout(Duration::from_secs(20), f).await {
-        Ok(v) => v,
-        Err(_) => panic!("timed out: {what}"),
-    }
-}
-
-async fn start(cfg: PeerConfig) -> Peer {
-    cfg.validate("test").expect("valid config");
-    let peer = start_peer(&cfg).await.expect("peer starts");
-    within("ready", peer.ready()).await.expect("peer ready");
-    peer
-}
 
 fn root_cfg(dir: &Path, trace: Option<&Path>) -> PeerConfig {
     let mut c = PeerConfig::new(PeerRole::Root, "vol");
@@ -58,22 +45,10 @@ fn leaf_cfg(name: &str, parent: &Peer, volume: &str, trace: Option<&Path>) -> Pe
     c
 }
 
-fn addr(p: &Peer) -> String {
-    p.local_addr().expect("peer listens").to_string()
-}
-
 fn origin_bytes(dir: &Path, chunk: u64, len: usize) -> Vec<u8> {
     let all = std::fs::read(dir.join("origin.img")).expect("origin readable");
     let start = (chunk * CHUNK) as usize;
     all[start..start + len].to_vec()
-}
-
-fn pattern(seed: u8, len: usize) -> Bytes {
-    Bytes::from(
-        (0..len)
-            .map(|i| seed.wrapping_add(i as u8))
-            .collect::<Vec<u8>>(),
-    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

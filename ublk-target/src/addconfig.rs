@@ -36,6 +36,8 @@ struct AddConfig {
     write_mode: Option<String>,
     listen: Option<String>,
     trace_protocol: Option<String>,
+    keys: Option<String>,
+    max_parent_faults: Option<u32>,
     size: Option<Value>,
     chunk_size: Option<Value>,
     cache_mem: Option<Value>,
@@ -97,6 +99,11 @@ pub fn config_args(path: &Path) -> Result<Vec<String>, ConfigError> {
         ("write-mode", cfg.write_mode),
         ("listen", cfg.listen),
         ("trace-protocol", cfg.trace_protocol),
+        ("keys", cfg.keys),
+        (
+            "max-parent-faults",
+            cfg.max_parent_faults.map(|n| n.to_string()),
+        ),
     ] {
         if let Some(v) = v {
             push(flag, v);

@@ -117,6 +117,16 @@ struct AddArgs {
     /// --parent; `-` for standard error).
     #[arg(long, value_name = "FILE", requires = "parent")]
     trace_protocol: Option<String>,
+    /// The volume's trusted key file (from `canopy-keys new`; mode 0600),
+    /// for a tree volume made with keys (with --parent): chunks are sealed
+    /// on the wire and checked on arrival, so the parent may be an
+    /// untrusted relay.
+    #[arg(long, value_name = "FILE", requires = "parent")]
+    keys: Option<PathBuf>,
+    /// Bad chunk records from the parent before it counts as failed and
+    /// the link is dropped (with --keys) [default: 3; 0: never].
+    #[arg(long, value_name = "N", requires = "keys")]
+    max_parent_faults: Option<u32>,
     /// Create the origin file with this size (a multiple of 512; suffixes
     /// K, M, G, T). Without it the origin must exist and its size is used.
     #[arg(long, value_name = "SIZE")]
@@ -433,6 +443,8 @@ fn add_leaf(a: AddArgs, parent: String) -> Result<()> {
         })
         .collect();
     peer.trace_protocol = a.trace_protocol.clone();
+    peer.keys = a.keys.clone();
+    peer.max_parent_faults = a.max_parent_faults;
     peer.validate("the command line")?;
     if let (true, Some(addr)) = (a.no_device, &a.export_nbd) {
         return canopy_ublk::nbd::daemon::serve_leaf(&peer, addr);

@@ -1,0 +1,296 @@
+//! The seal layer between a node and its links (issue 4; DESIGN.md,
+//! "Security model").
+//!
+//! On a volume made with keys, chunk data never crosses a link in the
+//! clear. The node (`canopy-node`) always works on whole chunks and their
+//! versions; this layer turns each `DATA` into a sealed record on the way
+//! out and checks it on the way in, in the links' own tasks, so the node
+//! task never waits on cryptography:
+//!
+//! - A **trusted** node (it holds the trusted key file) seals what it sends
+//!   (`DATA` becomes the ciphertext, `VERIFIER` carries nonce ‖ signature,
+//!   and `BLOCK_NUM`/`VERSION` are the record's chunk and version), and
+//!   opens what it receives, which checks the signature and the AEAD tag.
+//! - A **relay** (it holds only the verifying key) can do neither. It
+//!   checks the signature of every record it receives, from either side,
+//!   and hands the node the record as one opaque blob of
+//!   [`RELAY_OVERHEAD`] bytes more than a chunk (ciphertext ‖ nonce ‖
+//!   signature ‖ version), which the node stores and forwards as if it were
+//!   the chunk; on the way out the blob becomes message fields again.
+//!   Records that arrive together (one read from the socket) are verified
+//!   as a batch.
+//!
+//! A record that fails its check is never given to the node: the caller
+//! answers BAD_VERIFIER (see `driver.rs`), counts it, and drops it.
+
+use std::sync::Arc;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use canopy_keys::{SealError, SealedRecord, TrustedKeys, Verifier, SEAL_OVERHEAD, VERIFIER_LEN};
+use canopy_proto::Message;
+
+/// How much longer than a chunk a relay's stored record is: the AEAD tag,
+/// the verifier (nonce ‖ signature) and the version.
+pub const RELAY_OVERHEAD: usize = SEAL_OVERHEAD + VERIFIER_LEN + 8;
+
+/// The keys a node's links work with.
+#[derive(Clone)]
+pub enum LinkKeys {
+    /// A trusted node: seals and opens.
+    Trusted(Arc<TrustedKeys>),
+    /// An untrusted relay: verifies, and passes records on sealed.
+    Relay(Arc<Verifier>),
+}
+
+/// Why a message's record was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum SealFault {
+    /// Chunk data without the fields a record needs.
+    #[error("chunk data without {0}")]
+    Missing(&'static str),
+    /// The record is malformed, or its signature or tag does not check.
+    #[error(transparent)]
+    Bad(#[from] SealError),
+    /// The record's fields are malformed (lengths).
+    #[error(transparent)]
+    Decode(#[from] canopy_keys::DecodeError),
+}
+
+impl LinkKeys {
+    /// The volume's global identity, for CONNECT (`NodeConfig::volume_key`).
+    pub fn volume_key(&self) -> [u8; 32] {
+        match self {
+            LinkKeys::Trusted(k) => k.id().0,
+            LinkKeys::Relay(v) => v.id().0,
+        }
+    }
+
+    /// The volume these keys are for.
+    pub fn volume(&self) -> &str {
+        match self {
+            LinkKeys::Trusted(k) => k.volume(),
+            LinkKeys::Relay(v) => v.volume(),
+        }
+    }
+
+    /// Turn an outgoing message's `DATA` into record fields. A message the
+    /// node built without a chunk number cannot be sealed; it is refused
+    /// rather than sent in the clear.
+    pub fn outgoing(&self, m: &mut Message) -> Result<(), SealFault> {
+        let Some(data) = m.params.data.take() else {
+            return Ok(());
+        };
+        let chunk = m.params.block_num.ok_or(SealFault::Missing("BLOCK_NUM"))?;
+        match self {
+            LinkKeys::Trusted(k) => {
+                let version = m.params.version.unwrap_or(0);
+                let rec = k.seal(chunk, version, &data);
+                m.params.verifier = Some(Bytes::copy_from_slice(&rec.verifier_bytes()));
+                m.params.version = Some(version);
+                m.params.data = Some(rec.ciphertext);
+            }
+            LinkKeys::Relay(_) => {
+                let rec = unpack(chunk, data)?;
+                m.params.verifier = Some(Bytes::copy_from_slice(&rec.verifier_bytes()));
+                m.params.version = Some(rec.version);
+                m.params.data = Some(rec.ciphertext);
+            }
+        }
+        Ok(())
+    }
+
+    /// Check the records of messages that arrived together, and turn each
+    /// into what the node works with: the chunk (trusted) or the opaque
+    /// record (relay). Returns each message's outcome, in order; a message
+    /// without data always passes.
+    pub fn incoming(&self, msgs: &mut [Message]) -> Vec<Result<(), SealFault>> {
+        let mut out: Vec<Result<(), SealFault>> = Vec::with_capacity(msgs.len());
+        let mut recs: Vec<(usize, SealedRecord)> = Vec::new();
+        for (i, m) in msgs.iter().enumerate() {
+            match record_of(m) {
+                Ok(Some(rec)) => {
+                    recs.push((i, rec));
+                    out.push(Ok(()));
+                }
+                Ok(None) => out.push(Ok(())),
+                Err(e) => out.push(Err(e)),
+            }
+        }
+        if recs.is_empty() {
+            return out;
+        }
+        match self {
+            LinkKeys::Trusted(k) => {
+                for (i, rec) in recs {
+                    match k.open(&rec) {
+                        Ok(plain) => {
+                            msgs[i].params.data = Some(plain);
+                            msgs[i].params.verifier = None;
+                        }
+                        Err(e) => out[i] = Err(e.into()),
+                    }
+                }
+            }
+            LinkKeys::Relay(v) => {
+                // One batch verification for the lot; one by one only to
+                // find the bad record if the batch fails.
+                let refs: Vec<&SealedRecord> = recs.iter().map(|(_, r)| r).collect();
+                let checks = v.verify_each(&refs);
+                for ((i, rec), check) in recs.into_iter().zip(checks) {
+                    match check {
+                        Ok(()) => {
+                            msgs[i].params.data = Some(pack(&rec));
+                            msgs[i].params.verifier = None;
+                        }
+                        Err(e) => out[i] = Err(e.into()),
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+/// The record a received message carries, if it carries data.
+fn record_of(m: &Message) -> Result<Option<SealedRecord>, SealFault> {
+    let Some(data) = &m.params.data else {
+        return Ok(None);
+    };
+    let chunk = m.params.block_num.ok_or(SealFault::Missing("BLOCK_NUM"))?;
+    let verifier = m
+        .params
+        .verifier
+        .as_ref()
+        .ok_or(SealFault::Missing("VERIFIER (unsealed data)"))?;
+    let version = m.params.version.unwrap_or(0);
+    Ok(Some(SealedRecord::from_parts(
+        chunk,
+        version,
+        verifier,
+        data.clone(),
+    )?))
+}
+
+/// A relay's stored form of a record: ciphertext ‖ nonce ‖ signature ‖
+/// version. The ciphertext comes first, so the node's cache keeps its first
+/// chunk-size bytes in a tier's slot and only the rest aside.
+fn pack(rec: &SealedRecord) -> Bytes {
+    let mut b = BytesMut::with_capacity(rec.ciphertext.len() + VERIFIER_LEN + 8);
+    b.put_slice(&rec.ciphertext);
+    b.put_slice(&rec.verifier_bytes());
+    b.put_u64_le(rec.version);
+    b.freeze()
+}
+
+/// The record in a relay's stored blob (see [`pack`]).
+fn unpack(chunk: u64, blob: Bytes) -> Result<SealedRecord, SealFault> {
+    let tail = VERIFIER_LEN + 8;
+    if blob.len() < tail + SEAL_OVERHEAD {
+        return Err(SealFault::Missing("a whole stored record"));
+    }
+    let ct_len = blob.len() - tail;
+    let verifier = blob.slice(ct_len..ct_len + VERIFIER_LEN);
+    let mut v = [0u8; 8];
+    v.copy_from_slice(&blob[ct_len + VERIFIER_LEN..]);
+    let version = u64::from_le_bytes(v);
+    Ok(SealedRecord::from_parts(
+        chunk,
+        version,
+        &verifier,
+        blob.slice(..ct_len),
+    )?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use canopy_proto::{IoOp, Opcode};
+
+    fn keys() -> Arc<TrustedKeys> {
+        Arc::new(TrustedKeys::generate("vol").expect("keys"))
+    }
+
+    fn put(chunk: u64, version: u64, data: &[u8]) -> Message {
+        let mut m = Message::new(Opcode::IoRequest, 7);
+        m.params.io_op = Some(IoOp::Flush);
+        m.params.block_num = Some(chunk);
+        m.params.version = Some(version);
+        m.params.data = Some(Bytes::copy_from_slice(data));
+        m
+    }
+
+    #[test]
+    fn trusted_to_relay_to_trusted() {
+        let k = keys();
+        let trusted = LinkKeys::Trusted(k.clone());
+        let relay = LinkKeys::Relay(Arc::new(k.verifier().clone()));
+        let plain = vec![0xAB; 4096];
+
+        let mut m = put(3, 9, &plain);
+        trusted.outgoing(&mut m).unwrap();
+        assert_ne!(m.params.data.as_deref(), Some(&plain[..]), "sealed");
+        assert_eq!(
+            m.params.verifier.as_ref().map(Bytes::len),
+            Some(VERIFIER_LEN)
+        );
+
+        let mut at_relay = [m];
+        assert!(relay.incoming(&mut at_relay).iter().all(Result::is_ok));
+        let blob = at_relay[0].params.data.clone().unwrap();
+        assert_eq!(blob.len(), plain.len() + RELAY_OVERHEAD);
+        assert!(at_relay[0].params.verifier.is_none());
+
+        let [mut m] = at_relay;
+        relay.outgoing(&mut m).unwrap();
+        let mut at_root = [m];
+        assert!(trusted.incoming(&mut at_root).iter().all(Result::is_ok));
+        assert_eq!(at_root[0].params.data.as_deref(), Some(&plain[..]));
+        assert_eq!(at_root[0].params.version, Some(9));
+    }
+
+    #[test]
+    fn tampering_is_refused_on_both_kinds_of_node() {
+        let k = keys();
+        let trusted = LinkKeys::Trusted(k.clone());
+        let relay = LinkKeys::Relay(Arc::new(k.verifier().clone()));
+        let mut m = put(3, 9, &[1; 64]);
+        trusted.outgoing(&mut m).unwrap();
+
+        let mut flipped = m.clone();
+        let mut d = flipped.params.data.take().unwrap().to_vec();
+        d[5] ^= 1;
+        flipped.params.data = Some(Bytes::from(d));
+        let mut other_version = m.clone();
+        other_version.params.version = Some(8);
+        let mut other_chunk = m.clone();
+        other_chunk.params.block_num = Some(4);
+        let mut unsealed = put(3, 9, &[1; 64]);
+        unsealed.params.verifier = None;
+
+        for bad in [flipped, other_version, other_chunk, unsealed] {
+            for keys in [&trusted, &relay] {
+                let mut msgs = [bad.clone()];
+                assert!(keys.incoming(&mut msgs)[0].is_err(), "{bad}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_batch_with_one_bad_record_refuses_only_that_one() {
+        let k = keys();
+        let trusted = LinkKeys::Trusted(k.clone());
+        let relay = LinkKeys::Relay(Arc::new(k.verifier().clone()));
+        let mut msgs: Vec<Message> = (0..8)
+            .map(|i| {
+                let mut m = put(i, 1, &[i as u8; 256]);
+                trusted.outgoing(&mut m).unwrap();
+                m
+            })
+            .collect();
+        msgs[5].params.version = Some(2);
+        let out = relay.incoming(&mut msgs);
+        for (i, r) in out.iter().enumerate() {
+            assert_eq!(r.is_err(), i == 5, "record {i}: {r:?}");
+        }
+    }
+}

@@ -1,0 +1,455 @@
+//! A volume made with keys, through an untrusted relay, over loopback TCP:
+//! root (trusted key file) ← relay (verifying key only) ← leaves (trusted).
+//!
+//! Between two nodes the tests can put a man in the middle, built into the
+//! tests and never shipped, that reads every frame and can change it: the
+//! adversary a relay operator is. For each attack the tests check that it
+//! is detected and counted, that no trusted node returns wrong data to a
+//! reader, and that no write is lost silently (the writer gets an error, or
+//! the data is at the root).
+//!
+//! Every wait is bounded by `within`; nothing asserts on elapsed time.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use bytes::{Bytes, BytesMut};
+use canopy_keys::TrustedKeys;
+use canopy_peerd::config::{PeerConfig, PeerRole, Size};
+use canopy_peerd::{start_peer, Peer};
+use canopy_proto::frame::{split_frame, write_frame};
+use canopy_proto::{decode, Message, Status};
+use parking_lot::Mutex;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+mod common;
+use common::{addr, pattern, start, within};
+
+const CHUNK: u64 = 4096;
+const VOLUME: u64 = 1 << 20;
+
+/// The volume's key files in `dir`: (trusted, relay).
+fn keys(dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let k = TrustedKeys::generate("vol").expect("keys");
+    canopy_keys::write_new(dir, &k).expect("key files")
+}
+
+fn root_cfg(dir: &Path, keys: &Path) -> PeerConfig {
+    let mut c = PeerConfig::new(PeerRole::Root, "vol");
+    c.name = Some("A".into());
+    c.listen = Some("127.0.0.1:0".into());
+    c.origin = Some(dir.join("origin.img"));
+    c.size = Some(Size(VOLUME));
+    c.chunk_size = Some(Size(CHUNK));
+    c.keys = Some(keys.to_path_buf());
+    c
+}
+
+fn relay_cfg(parent: &str, verify: &Path) -> PeerConfig {
+    let mut c = PeerConfig::new(PeerRole::Relay, "vol");
+    c.name = Some("R".into());
+    c.listen = Some("127.0.0.1:0".into());
+    c.parent = Some(parent.to_string());
+    c.verify_key = Some(verify.to_path_buf());
+    c
+}
+
+fn leaf_cfg(name: &str, parent: &str, keys: Option<&Path>) -> PeerConfig {
+    let mut c = PeerConfig::new(PeerRole::Leaf, "vol");
+    c.name = Some(name.into());
+    c.parent = Some(parent.to_string());
+    c.keys = keys.map(Path::to_path_buf);
+    // Attacks are counted here, not acted on: the tests drop the link
+    // themselves where they mean to.
+    c.max_parent_faults = Some(0);
+    c
+}
+
+fn origin_bytes(dir: &Path, chunk: u64) -> Vec<u8> {
+    let all = std::fs::read(dir.join("origin.img")).expect("origin readable");
+    let start = (chunk * CHUNK) as usize;
+    all[start..start + CHUNK as usize].to_vec()
+}
+
+/// What the man in the middle does to messages going one way.
+#[derive(Clone, Debug, PartialEq)]
+enum Attack {
+    /// Nothing: pass every frame on.
+    Pass,
+    /// Flip one bit of the ciphertext of every message with chunk data.
+    FlipData,
+    /// Flip one bit of every record's signature.
+    FlipSignature,
+    /// Serve the record of another chunk under this chunk's number (a
+    /// valid record, for the wrong place).
+    OtherChunk,
+}
+
+/// A TCP man in the middle between a child (which connects to `addr`) and
+/// its parent, that decodes every frame and applies `down` to what the
+/// parent sends and `up` to what the child sends.
+struct Mitm {
+    addr: String,
+    down: Arc<Mutex<Attack>>,
+    up: Arc<Mutex<Attack>>,
+    /// Messages with chunk data seen in either direction, and how many of
+    /// those carried the plaintext the test wrote (must stay 0).
+    records: Arc<AtomicU64>,
+    /// A record seen on the way down, for `OtherChunk`.
+    captured: Arc<Mutex<Option<Message>>>,
+}
+
+impl Mitm {
+    async fn start(parent: String) -> Mitm {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        let down = Arc::new(Mutex::new(Attack::Pass));
+        let up = Arc::new(Mutex::new(Attack::Pass));
+        let records = Arc::new(AtomicU64::new(0));
+        let captured = Arc::new(Mutex::new(None));
+        let m = Mitm {
+            addr,
+            down: down.clone(),
+            up: up.clone(),
+            records: records.clone(),
+            captured: captured.clone(),
+        };
+        tokio::spawn(async move {
+            loop {
+                let Ok((child, _)) = listener.accept().await else {
+                    return;
+                };
+                let Ok(parent) = TcpStream::connect(&parent).await else {
+                    continue;
+                };
+                let (cr, cw) = child.into_split();
+                let (pr, pw) = parent.into_split();
+                tokio::spawn(pump(
+                    pr,
+                    cw,
+                    down.clone(),
+                    records.clone(),
+                    captured.clone(),
+                ));
+                tokio::spawn(pump(cr, pw, up.clone(), records.clone(), captured.clone()));
+            }
+        });
+        m
+    }
+
+    fn attack_down(&self, a: Attack) {
+        *self.down.lock() = a;
+    }
+
+    fn attack_up(&self, a: Attack) {
+        *self.up.lock() = a;
+    }
+}
+
+/// Copy frames from `rd` to `wr`, applying the attack of the moment.
+async fn pump(
+    mut rd: tokio::net::tcp::OwnedReadHalf,
+    mut wr: tokio::net::tcp::OwnedWriteHalf,
+    attack: Arc<Mutex<Attack>>,
+    records: Arc<AtomicU64>,
+    captured: Arc<Mutex<Option<Message>>>,
+) {
+    let mut buf = BytesMut::with_capacity(64 * 1024);
+    loop {
+        while let Ok(Some(frame)) = split_frame(&mut buf) {
+            let Ok(mut m) = decode(&frame) else {
+                return;
+            };
+            if m.params.data.is_some() {
+                records.fetch_add(1, Ordering::Relaxed);
+            }
+            let a = attack.lock().clone();
+            let forward = tamper(&a, &mut m, &captured);
+            if forward {
+                let mut out = BytesMut::new();
+                write_frame(&m, &mut out);
+                if wr.write_all(&out).await.is_err() {
+                    return;
+                }
+            }
+        }
+        match rd.read_buf(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(_) => {}
+        }
+    }
+}
+
+/// Apply `a` to `m`; false to drop it.
+fn tamper(a: &Attack, m: &mut Message, captured: &Mutex<Option<Message>>) -> bool {
+    let has_data = m.params.data.is_some();
+    match a {
+        Attack::Pass => {
+            if has_data && m.params.verifier.is_some() {
+                let mut c = captured.lock();
+                if c.is_none() {
+                    *c = Some(m.clone());
+                }
+            }
+            true
+        }
+        Attack::FlipData if has_data => {
+            let mut d = m.params.data.take().unwrap_or_default().to_vec();
+            if let Some(b) = d.get_mut(17) {
+                *b ^= 0x04;
+            }
+            m.params.data = Some(Bytes::from(d));
+            true
+        }
+        Attack::FlipSignature if has_data => {
+            let mut v = m.params.verifier.take().unwrap_or_default().to_vec();
+            if let Some(b) = v.last_mut() {
+                *b ^= 0x80;
+            }
+            m.params.verifier = Some(Bytes::from(v));
+            true
+        }
+        Attack::OtherChunk if has_data => {
+            if let Some(other) = captured.lock().as_ref() {
+                if other.params.block_num != m.params.block_num {
+                    m.params.data = other.params.data.clone();
+                    m.params.verifier = other.params.verifier.clone();
+                    m.params.version = other.params.version;
+                }
+            }
+            true
+        }
+        _ => true,
+    }
+}
+
+/// A tree with keys: root A, relay R, and `leaves` leaves, each leaf
+/// behind its own man in the middle to R, and R behind one to A.
+struct Tree {
+    _dir: tempfile::TempDir,
+    dir: std::path::PathBuf,
+    root: Peer,
+    relay: Peer,
+    above_relay: Mitm,
+    below_relay: Vec<Mitm>,
+    leaves: Vec<Peer>,
+}
+
+async fn tree(leaves: usize) -> Tree {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_path_buf();
+    let (trusted, verify) = keys(&dir.join("keys"));
+    let root = start(root_cfg(&dir, &trusted)).await;
+    let above_relay = Mitm::start(addr(&root)).await;
+    let relay = {
+        let cfg = relay_cfg(&above_relay.addr, &verify);
+        cfg.validate("test").expect("valid relay config");
+        start_peer(&cfg).await.expect("relay starts")
+    };
+    let mut below_relay = Vec::new();
+    let mut peers = Vec::new();
+    for i in 0..leaves {
+        let m = Mitm::start(addr(&relay)).await;
+        let name = format!("L{i}");
+        peers.push(start(leaf_cfg(&name, &m.addr, Some(&trusted))).await);
+        below_relay.push(m);
+    }
+    Tree {
+        _dir: tmp,
+        dir,
+        root,
+        relay,
+        above_relay,
+        below_relay,
+        leaves: peers,
+    }
+}
+
+async fn stats(p: &Peer) -> canopy_peerd::driver::PeerStats {
+    within("stats", p.handle().stats()).await.expect("stats")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_and_writes_cross_the_relay_sealed() {
+    let t = tree(2).await;
+    let (h0, h1) = (t.leaves[0].handle(), t.leaves[1].handle());
+    let a = pattern(0x31, CHUNK as usize);
+    within("write", h0.write(5, 0, a.clone(), true))
+        .await
+        .unwrap();
+    assert_eq!(origin_bytes(&t.dir, 5), a.to_vec());
+    let seen = within("read through the relay", h1.read(5)).await.unwrap();
+    assert_eq!(seen, a);
+    // A partial write from the other leaf, then the first reads it back.
+    let b = pattern(0x90, 100);
+    within("partial write", h1.write(5, 1000, b.clone(), true))
+        .await
+        .unwrap();
+    let seen = within("read back", h0.read(5)).await.unwrap();
+    assert_eq!(&seen[1000..1100], &b[..]);
+    assert_eq!(&seen[..1000], &a[..1000]);
+
+    // Every record that crossed a link was sealed: the men in the middle
+    // saw records, never the plaintext.
+    let seen_records: u64 = std::iter::once(&t.above_relay)
+        .chain(t.below_relay.iter())
+        .map(|m| m.records.load(Ordering::Relaxed))
+        .sum();
+    assert!(seen_records >= 4, "records seen: {seen_records}");
+    for m in std::iter::once(&t.above_relay).chain(t.below_relay.iter()) {
+        let captured = m.captured.lock();
+        let rec = captured.as_ref().expect("a record crossed every link");
+        {
+            let d = rec.params.data.as_ref().unwrap();
+            assert_eq!(d.len(), CHUNK as usize + canopy_keys::SEAL_OVERHEAD);
+            assert!(
+                !d.windows(64).any(|w| w == &a[..64] || w == &a[1000..1064]),
+                "plaintext on the wire"
+            );
+        }
+    }
+    let r = stats(&t.relay).await;
+    assert_eq!(r.bad_records, 0);
+    assert!(r.cache.is_some(), "the relay caches records");
+    for p in [&t.root, &t.leaves[0], &t.leaves[1]] {
+        assert_eq!(stats(p).await.bad_records, 0);
+    }
+}
+
+/// For an attack on what the relay sends a reader: the reader refuses the
+/// record (BAD_VERIFIER, counted) and never returns anything but the
+/// written data.
+async fn reader_refuses(attack: Attack) {
+    let t = tree(2).await;
+    let (h0, h1) = (t.leaves[0].handle(), t.leaves[1].handle());
+    // Two chunks written and read once, so `OtherChunk` has a record of
+    // chunk 3 to serve for chunk 4.
+    let a = pattern(0x41, CHUNK as usize);
+    let b = pattern(0x52, CHUNK as usize);
+    within("write 3", h0.write(3, 0, a.clone(), true))
+        .await
+        .unwrap();
+    within("write 4", h0.write(4, 0, b.clone(), true))
+        .await
+        .unwrap();
+    assert_eq!(within("read 3", h1.read(3)).await.unwrap(), a);
+    // Drop leaf 1's copy of chunk 4 so that its next read crosses the link.
+    t.below_relay[1].attack_down(attack.clone());
+    let before = stats(&t.leaves[1]).await.bad_records;
+    let r = within("attacked read", h1.read(4)).await;
+    match &r {
+        Ok(d) => assert_eq!(d, &b, "{attack:?}: a reader got wrong data"),
+        Err(e) => assert!(
+            e.to_string().contains("BAD_VERIFIER"),
+            "{attack:?}: unexpected error {e}"
+        ),
+    }
+    let after = stats(&t.leaves[1]).await;
+    assert!(
+        after.bad_records > before,
+        "{attack:?}: not detected (read returned {r:?})"
+    );
+    assert_eq!(after.bad_records_from_parent, after.bad_records);
+    // Once the link is honest again, the reader gets the data.
+    t.below_relay[1].attack_down(Attack::Pass);
+    assert_eq!(within("honest read", h1.read(4)).await.unwrap(), b);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flipped_data_is_refused() {
+    reader_refuses(Attack::FlipData).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flipped_signature_is_refused() {
+    reader_refuses(Attack::FlipSignature).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_chunks_record_is_refused() {
+    reader_refuses(Attack::OtherChunk).await;
+}
+
+/// Tampering with a write on its way to the root: the root refuses it
+/// (BAD_VERIFIER, counted), the writer gets an error, and the root's copy
+/// stays as it was. Nothing is acknowledged that the root does not have.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tampered_write_is_refused_and_the_writer_told() {
+    let t = tree(1).await;
+    let h = t.leaves[0].handle();
+    let a = pattern(0x61, CHUNK as usize);
+    within("write", h.write(6, 0, a.clone(), true))
+        .await
+        .unwrap();
+    t.above_relay.attack_up(Attack::FlipData);
+    let b = pattern(0x72, CHUNK as usize);
+    let r = within("attacked write", h.write(6, 0, b.clone(), true)).await;
+    let root = stats(&t.root).await;
+    assert!(root.bad_records >= 1, "root did not detect: {r:?}");
+    match r {
+        Err(e) => {
+            assert!(e.to_string().contains("BAD_VERIFIER"), "{e}");
+            assert_eq!(origin_bytes(&t.dir, 6), a.to_vec(), "refused write landed");
+        }
+        Ok(()) => panic!("a write the root refused was acknowledged"),
+    }
+    // The writer retries on an honest link, and it lands.
+    t.above_relay.attack_up(Attack::Pass);
+    within("retry", h.write(6, 0, b.clone(), true))
+        .await
+        .unwrap();
+    assert_eq!(origin_bytes(&t.dir, 6), b.to_vec());
+}
+
+/// The relay itself checks what it is given: a record with a bad
+/// signature from above is refused at the relay (counted there) and never
+/// reaches the leaf.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_relay_verifies_before_storing_or_forwarding() {
+    let t = tree(1).await;
+    let h = t.leaves[0].handle();
+    let a = pattern(0x13, CHUNK as usize);
+    within("write", h.write(2, 0, a.clone(), true))
+        .await
+        .unwrap();
+    // A fresh chunk the relay has not cached: the read crosses A → R.
+    t.above_relay.attack_down(Attack::FlipSignature);
+    let r = within("attacked read", h.read(9)).await;
+    assert!(r.is_err(), "read through a forged record succeeded: {r:?}");
+    let relay = stats(&t.relay).await;
+    assert!(relay.bad_records >= 1, "the relay did not check: {relay:?}");
+    assert_eq!(stats(&t.leaves[0]).await.bad_records, 0, "forwarded");
+    t.above_relay.attack_down(Attack::Pass);
+    let zeros = within("honest read", h.read(9)).await.unwrap();
+    assert!(zeros.iter().all(|&b| b == 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peers_without_the_keys_are_refused() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (trusted, _verify) = keys(&tmp.path().join("keys"));
+    let (other, _) = keys(&tmp.path().join("other"));
+    let root = start(root_cfg(tmp.path(), &trusted)).await;
+    for keys in [None, Some(other.as_path())] {
+        let cfg = leaf_cfg("X", &addr(&root), keys);
+        let peer = start_peer(&cfg).await.expect("leaf starts");
+        let r = within("refused", peer.ready()).await;
+        match r {
+            Err(canopy_peerd::DriverError::Refused(Status::BadVerifier)) => {}
+            other => panic!("keys {keys:?}: expected a BAD_VERIFIER refusal, got {other:?}"),
+        }
+        peer.shutdown().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_file_for_another_volume_stops_the_daemon() {
+    let tmp = tempfile::tempdir().unwrap();
+    let k = TrustedKeys::generate("other").unwrap();
+    let (trusted, _) = canopy_keys::write_new(tmp.path(), &k).unwrap();
+    let cfg = root_cfg(tmp.path(), &trusted);
+    let e = start_peer(&cfg).await.err().expect("refused");
+    assert!(e.to_string().contains("other"), "{e}");
+}
