@@ -886,8 +886,21 @@ impl Node {
         } else if let Some(e) = self.table.get_mut(&chunk) {
             e.held = keep;
         }
+        if carry {
+            self.relay_sent_up(chunk);
+        }
         self.send_parent(reply);
         true
+    }
+
+    /// A relay sent a writer's record up: it keeps the permission but not
+    /// the bytes. It holds no grant signed for that version (grants come
+    /// down; the record went up), so a child it served them to would refuse
+    /// them; the next request fetches the chunk, with one, from the parent.
+    pub(crate) fn relay_sent_up(&mut self, chunk: u64) {
+        if self.is_relay() {
+            self.drop_bytes(chunk);
+        }
     }
 
     /// One step of the head request.
@@ -1404,6 +1417,9 @@ impl Node {
         // The parent applies a FLUSH from a WRITE holder on arrival, so the
         // data is its business from here: a crossing INVALIDATE needs no copy.
         self.clear_dirty(chunk);
+        if carry {
+            self.relay_sent_up(chunk);
+        }
         self.stats.parent_requests += 1;
         self.send_parent(m);
         true

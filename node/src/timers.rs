@@ -180,6 +180,9 @@ impl Node {
             if let Some(e) = self.table.get_mut(&chunk) {
                 e.held = e.held.min(keep);
             }
+            if carry {
+                self.relay_sent_up(chunk);
+            }
         }
     }
 

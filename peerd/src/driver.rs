@@ -1059,10 +1059,12 @@ async fn sleep_until_opt(t: Option<Instant>) {
 
 /// Spawn a writer for `wr`, returning the link the node task keeps and the
 /// close signal for the matching reader.
-fn spawn_link(wr: OwnedWriteHalf, keys: Option<Arc<LinkKeys>>) -> (Link, Arc<Notify>) {
+/// `down`: the link leads to a child (grants going down get their signed
+/// expiry).
+fn spawn_link(wr: OwnedWriteHalf, keys: Option<Arc<LinkKeys>>, down: bool) -> (Link, Arc<Notify>) {
     let (tx, rx) = mpsc::unbounded_channel();
     let close = Arc::new(Notify::new());
-    let writer = tokio::spawn(write_loop(wr, rx, keys));
+    let writer = tokio::spawn(write_loop(wr, rx, keys, down));
     (
         Link {
             tx,
@@ -1097,7 +1099,7 @@ async fn accept_loop(
         let id = next_id;
         next_id += 1;
         let (rd, wr) = stream.into_split();
-        let (link, close) = spawn_link(wr, keys.clone());
+        let (link, close) = spawn_link(wr, keys.clone(), true);
         // ChildUp goes first on the same channel the reader will use, so the
         // node task knows the child before any of its messages.
         if events
@@ -1157,7 +1159,7 @@ async fn parent_loop(
         gen += 1;
         let up_since = Instant::now();
         let (rd, wr) = stream.into_split();
-        let (link, close) = spawn_link(wr, keys.clone());
+        let (link, close) = spawn_link(wr, keys.clone(), false);
         if events.send(Event::ParentUp { gen, link }).await.is_err() {
             return;
         }
@@ -1285,9 +1287,16 @@ async fn deliver(
         Some(k) => k.incoming(batch),
         None => Vec::new(),
     };
-    for (i, m) in batch.drain(..).enumerate() {
-        let ev = match checks.get(i) {
-            Some(Err(e)) => Event::BadRecord(src, m, e.to_string()),
+    for (i, mut m) in batch.drain(..).enumerate() {
+        // A grant from the parent must carry a valid signed expiry, which
+        // also bounds its TTL (`seal.rs`).
+        let grant = match (keys, src) {
+            (Some(k), Source::Parent(_)) => k.grant_up(&mut m),
+            _ => Ok(()),
+        };
+        let ev = match (checks.get(i), grant) {
+            (Some(Err(e)), _) => Event::BadRecord(src, m, e.to_string()),
+            (_, Err(e)) => Event::BadRecord(src, m, e.to_string()),
             _ => Event::Msg(src, m),
         };
         let ev = match (&inbox.heartbeats, &ev) {
@@ -1312,12 +1321,16 @@ async fn write_loop(
     mut wr: OwnedWriteHalf,
     mut rx: mpsc::UnboundedReceiver<Message>,
     keys: Option<Arc<LinkKeys>>,
+    down: bool,
 ) {
     let mut buf = BytesMut::with_capacity(64 * 1024);
     // Seal (or, at a relay, unpack) the chunk data in a message, then frame
     // it. A message that cannot be sealed is dropped, never sent in clear.
     let put = |mut m: Message, buf: &mut BytesMut| {
         if let Some(k) = &keys {
+            if down {
+                k.grant_down(&mut m);
+            }
             if let Err(e) = k.outgoing(&mut m) {
                 tracing::error!(msg = %m, error = %e, "cannot seal a message; dropped");
                 return;

@@ -22,20 +22,44 @@
 //!
 //! A record that fails its check is never given to the node: the caller
 //! answers BAD_VERIFIER (see `driver.rs`), counts it, and drops it.
+//!
+//! **Freshness.** A grant (a message to a child with `PERMISSIONS` and a
+//! non-zero `TTL`) carries a signed expiry in `GRANT`: chunk, version,
+//! permission and a wall-clock deadline, signed by the trusted node that
+//! made it (now + TTL). A relay cannot sign: it passes on the last grant it
+//! got from its parent for the chunk. A node receiving a grant checks it
+//! and lowers the `TTL` the node sees to what is left of it, and refuses a
+//! grant that is missing, forged, for other contents, or already expired.
+//! So a relay can withhold an INVALIDATE, or claim a longer TTL, but a
+//! reader under it never uses a copy past the expiry a trusted node signed
+//! (hosts' clocks must agree to well within the grant TTL, 1200 s by
+//! default).
 
+use std::collections::HashMap;
 use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::{BufMut, Bytes, BytesMut};
-use canopy_keys::{SealError, SealedRecord, TrustedKeys, Verifier, SEAL_OVERHEAD, VERIFIER_LEN};
-use canopy_proto::Message;
+use canopy_keys::{
+    SealError, SealedRecord, SignedGrant, TrustedKeys, Verifier, SEAL_OVERHEAD, VERIFIER_LEN,
+};
+use canopy_proto::{Message, Perm};
+use parking_lot::Mutex;
 
 /// How much longer than a chunk a relay's stored record is: the AEAD tag,
 /// the verifier (nonce ‖ signature) and the version.
 pub const RELAY_OVERHEAD: usize = SEAL_OVERHEAD + VERIFIER_LEN + 8;
 
-/// The keys a node's links work with.
-#[derive(Clone)]
-pub enum LinkKeys {
+/// The keys a node's links work with, shared by all its links.
+pub struct LinkKeys {
+    kind: Kind,
+    /// A relay's latest signed grant from its parent, per chunk, to pass on
+    /// with its own grants of the chunk (empty on a trusted node). One
+    /// entry per chunk at most, so bounded by the volume's size.
+    grants: Mutex<HashMap<u64, Bytes>>,
+}
+
+enum Kind {
     /// A trusted node: seals and opens.
     Trusted(Arc<TrustedKeys>),
     /// An untrusted relay: verifies, and passes records on sealed.
@@ -54,23 +78,111 @@ pub enum SealFault {
     /// The record's fields are malformed (lengths).
     #[error(transparent)]
     Decode(#[from] canopy_keys::DecodeError),
+    /// A grant without a valid signed expiry for what it grants.
+    #[error("grant {0}")]
+    Grant(&'static str),
+}
+
+/// Milliseconds since the epoch: signed expiries are wall-clock times, as
+/// they are compared on other hosts.
+fn wall_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// What a message grants, if it grants something for a while: the chunk,
+/// the permission and the TTL (`PERMISSIONS` of READ or more, `TTL` above
+/// zero; a zero TTL grants nothing to use).
+fn grant_of(m: &Message) -> Option<(u64, Perm, u32)> {
+    let perm = m.params.permissions.filter(|p| *p >= Perm::Read)?;
+    let ttl = m.params.ttl_ms.filter(|t| *t > 0)?;
+    Some((m.params.block_num?, perm, ttl))
 }
 
 impl LinkKeys {
+    /// A trusted node's keys.
+    pub fn trusted(keys: Arc<TrustedKeys>) -> Self {
+        LinkKeys {
+            kind: Kind::Trusted(keys),
+            grants: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// A relay's verifying key.
+    pub fn relay(verifier: Arc<Verifier>) -> Self {
+        LinkKeys {
+            kind: Kind::Relay(verifier),
+            grants: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn verifier(&self) -> &Verifier {
+        match &self.kind {
+            Kind::Trusted(k) => k.verifier(),
+            Kind::Relay(v) => v,
+        }
+    }
+
     /// The volume's global identity, for CONNECT (`NodeConfig::volume_key`).
     pub fn volume_key(&self) -> [u8; 32] {
-        match self {
-            LinkKeys::Trusted(k) => k.id().0,
-            LinkKeys::Relay(v) => v.id().0,
-        }
+        self.verifier().id().0
     }
 
     /// The volume these keys are for.
     pub fn volume(&self) -> &str {
-        match self {
-            LinkKeys::Trusted(k) => k.volume(),
-            LinkKeys::Relay(v) => v.volume(),
+        self.verifier().volume()
+    }
+
+    /// On the way to a child: a grant gets its signed expiry (a trusted
+    /// node signs now + TTL; a relay passes on its parent's).
+    pub fn grant_down(&self, m: &mut Message) {
+        let Some((chunk, perm, ttl)) = grant_of(m) else {
+            return;
+        };
+        m.params.grant = match &self.kind {
+            Kind::Trusted(k) => {
+                let version = m.params.version.unwrap_or(0);
+                let expires = wall_ms().saturating_add(u64::from(ttl));
+                let g = k.sign_grant(chunk, version, perm as u8, expires);
+                Some(Bytes::copy_from_slice(&g.encode()))
+            }
+            // Without one the child refuses the grant: the relay got this
+            // chunk without a grant it could pass on.
+            Kind::Relay(_) => self.grants.lock().get(&chunk).cloned(),
+        };
+    }
+
+    /// From the parent: check a grant's signed expiry and lower its TTL to
+    /// what is left of it (a relay also keeps it, to pass on).
+    pub fn grant_up(&self, m: &mut Message) -> Result<(), SealFault> {
+        let Some((chunk, perm, ttl)) = grant_of(m) else {
+            return Ok(());
+        };
+        let bytes = m
+            .params
+            .grant
+            .take()
+            .ok_or(SealFault::Grant("without a signed expiry"))?;
+        let g = SignedGrant::decode(&bytes)?;
+        self.verifier()
+            .verify_grant(&g)
+            .map_err(|_| SealFault::Grant("with a bad signature"))?;
+        if g.chunk != chunk || m.params.version.is_some_and(|v| v != g.version) {
+            return Err(SealFault::Grant("signed for another chunk or version"));
         }
+        if g.perm < perm as u8 {
+            return Err(SealFault::Grant("for more than was signed"));
+        }
+        let left = g.expires_ms.saturating_sub(wall_ms());
+        if left == 0 {
+            return Err(SealFault::Grant("past its signed expiry"));
+        }
+        m.params.ttl_ms = Some(ttl.min(u32::try_from(left).unwrap_or(u32::MAX)));
+        if matches!(self.kind, Kind::Relay(_)) {
+            self.grants.lock().insert(chunk, bytes);
+        }
+        Ok(())
     }
 
     /// Turn an outgoing message's `DATA` into record fields. A message the
@@ -81,15 +193,15 @@ impl LinkKeys {
             return Ok(());
         };
         let chunk = m.params.block_num.ok_or(SealFault::Missing("BLOCK_NUM"))?;
-        match self {
-            LinkKeys::Trusted(k) => {
+        match &self.kind {
+            Kind::Trusted(k) => {
                 let version = m.params.version.unwrap_or(0);
                 let rec = k.seal(chunk, version, &data);
                 m.params.verifier = Some(Bytes::copy_from_slice(&rec.verifier_bytes()));
                 m.params.version = Some(version);
                 m.params.data = Some(rec.ciphertext);
             }
-            LinkKeys::Relay(_) => {
+            Kind::Relay(_) => {
                 let rec = unpack(chunk, data)?;
                 m.params.verifier = Some(Bytes::copy_from_slice(&rec.verifier_bytes()));
                 m.params.version = Some(rec.version);
@@ -119,8 +231,8 @@ impl LinkKeys {
         if recs.is_empty() {
             return out;
         }
-        match self {
-            LinkKeys::Trusted(k) => {
+        match &self.kind {
+            Kind::Trusted(k) => {
                 for (i, rec) in recs {
                     match k.open(&rec) {
                         Ok(plain) => {
@@ -131,7 +243,7 @@ impl LinkKeys {
                     }
                 }
             }
-            LinkKeys::Relay(v) => {
+            Kind::Relay(v) => {
                 // One batch verification for the lot; one by one only to
                 // find the bad record if the batch fails.
                 let refs: Vec<&SealedRecord> = recs.iter().map(|(_, r)| r).collect();
@@ -222,8 +334,8 @@ mod tests {
     #[test]
     fn trusted_to_relay_to_trusted() {
         let k = keys();
-        let trusted = LinkKeys::Trusted(k.clone());
-        let relay = LinkKeys::Relay(Arc::new(k.verifier().clone()));
+        let trusted = LinkKeys::trusted(k.clone());
+        let relay = LinkKeys::relay(Arc::new(k.verifier().clone()));
         let plain = vec![0xAB; 4096];
 
         let mut m = put(3, 9, &plain);
@@ -251,8 +363,8 @@ mod tests {
     #[test]
     fn tampering_is_refused_on_both_kinds_of_node() {
         let k = keys();
-        let trusted = LinkKeys::Trusted(k.clone());
-        let relay = LinkKeys::Relay(Arc::new(k.verifier().clone()));
+        let trusted = LinkKeys::trusted(k.clone());
+        let relay = LinkKeys::relay(Arc::new(k.verifier().clone()));
         let mut m = put(3, 9, &[1; 64]);
         trusted.outgoing(&mut m).unwrap();
 
@@ -278,8 +390,8 @@ mod tests {
     #[test]
     fn a_batch_with_one_bad_record_refuses_only_that_one() {
         let k = keys();
-        let trusted = LinkKeys::Trusted(k.clone());
-        let relay = LinkKeys::Relay(Arc::new(k.verifier().clone()));
+        let trusted = LinkKeys::trusted(k.clone());
+        let relay = LinkKeys::relay(Arc::new(k.verifier().clone()));
         let mut msgs: Vec<Message> = (0..8)
             .map(|i| {
                 let mut m = put(i, 1, &[i as u8; 256]);

@@ -128,11 +128,11 @@ pub fn open_origin(
 pub fn load_keys(cfg: &PeerConfig) -> Result<Option<LinkKeys>, SetupError> {
     if let Some(path) = &cfg.keys {
         let k = canopy_keys::TrustedKeys::load_for(path, &cfg.volume)?;
-        return Ok(Some(LinkKeys::Trusted(Arc::new(k))));
+        return Ok(Some(LinkKeys::trusted(Arc::new(k))));
     }
     if let Some(path) = &cfg.verify_key {
         let v = canopy_keys::Verifier::load_for(path, &cfg.volume)?;
-        return Ok(Some(LinkKeys::Relay(Arc::new(v))));
+        return Ok(Some(LinkKeys::relay(Arc::new(v))));
     }
     Ok(None)
 }

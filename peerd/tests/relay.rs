@@ -19,7 +19,7 @@ use canopy_keys::TrustedKeys;
 use canopy_peerd::config::{PeerConfig, PeerRole, Size};
 use canopy_peerd::{start_peer, Peer};
 use canopy_proto::frame::{split_frame, write_frame};
-use canopy_proto::{decode, Message, Status};
+use canopy_proto::{decode, Message, Opcode, Perm, Status};
 use parking_lot::Mutex;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -85,7 +85,15 @@ enum Attack {
     /// Serve the record of another chunk under this chunk's number (a
     /// valid record, for the wrong place).
     OtherChunk,
+    /// Keep a reader on old data: drop every INVALIDATE, answering it
+    /// upward as if the child had given the chunk up, and claim a TTL of
+    /// an hour on every grant.
+    Stale,
 }
+
+/// One direction's output, shared with the other direction's pump, which
+/// may answer in its place.
+type Out = Arc<tokio::sync::Mutex<tokio::net::tcp::OwnedWriteHalf>>;
 
 /// A TCP man in the middle between a child (which connects to `addr`) and
 /// its parent, that decodes every frame and applies `down` to what the
@@ -126,14 +134,26 @@ impl Mitm {
                 };
                 let (cr, cw) = child.into_split();
                 let (pr, pw) = parent.into_split();
+                let (cw, pw): (Out, Out) = (
+                    Arc::new(tokio::sync::Mutex::new(cw)),
+                    Arc::new(tokio::sync::Mutex::new(pw)),
+                );
                 tokio::spawn(pump(
                     pr,
-                    cw,
+                    cw.clone(),
+                    pw.clone(),
                     down.clone(),
                     records.clone(),
                     captured.clone(),
                 ));
-                tokio::spawn(pump(cr, pw, up.clone(), records.clone(), captured.clone()));
+                tokio::spawn(pump(
+                    cr,
+                    pw,
+                    cw,
+                    up.clone(),
+                    records.clone(),
+                    captured.clone(),
+                ));
             }
         });
         m
@@ -148,10 +168,12 @@ impl Mitm {
     }
 }
 
-/// Copy frames from `rd` to `wr`, applying the attack of the moment.
+/// Copy frames from `rd` to `wr`, applying the attack of the moment; an
+/// answer the attack makes up goes back on `back`.
 async fn pump(
     mut rd: tokio::net::tcp::OwnedReadHalf,
-    mut wr: tokio::net::tcp::OwnedWriteHalf,
+    wr: Out,
+    back: Out,
     attack: Arc<Mutex<Attack>>,
     records: Arc<AtomicU64>,
     captured: Arc<Mutex<Option<Message>>>,
@@ -166,11 +188,24 @@ async fn pump(
                 records.fetch_add(1, Ordering::Relaxed);
             }
             let a = attack.lock().clone();
+            if a == Attack::Stale && m.header.opcode == Opcode::Invalidate {
+                // The child "gives it up" without ever hearing of it.
+                let mut r = Message::new(Opcode::OkReply, m.header.xid);
+                r.params.volume_id = m.params.volume_id;
+                r.params.block_num = m.params.block_num;
+                r.params.permissions = Some(Perm::No);
+                let mut out = BytesMut::new();
+                write_frame(&r, &mut out);
+                if back.lock().await.write_all(&out).await.is_err() {
+                    return;
+                }
+                continue;
+            }
             let forward = tamper(&a, &mut m, &captured);
             if forward {
                 let mut out = BytesMut::new();
                 write_frame(&m, &mut out);
-                if wr.write_all(&out).await.is_err() {
+                if wr.lock().await.write_all(&out).await.is_err() {
                     return;
                 }
             }
@@ -221,6 +256,10 @@ fn tamper(a: &Attack, m: &mut Message, captured: &Mutex<Option<Message>>) -> boo
             }
             true
         }
+        Attack::Stale if m.params.ttl_ms.is_some_and(|t| t > 0) => {
+            m.params.ttl_ms = Some(3_600_000);
+            true
+        }
         _ => true,
     }
 }
@@ -238,10 +277,17 @@ struct Tree {
 }
 
 async fn tree(leaves: usize) -> Tree {
+    tree_with_ttl(leaves, None).await
+}
+
+/// The tree, the root's grants lasting `grant_ttl_ms` if given.
+async fn tree_with_ttl(leaves: usize, grant_ttl_ms: Option<u64>) -> Tree {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().to_path_buf();
     let (trusted, verify) = keys(&dir.join("keys"));
-    let root = start(root_cfg(&dir, &trusted)).await;
+    let mut root_cfg = root_cfg(&dir, &trusted);
+    root_cfg.grant_ttl = grant_ttl_ms.map(canopy_peerd::config::Millis);
+    let root = start(root_cfg).await;
     let above_relay = Mitm::start(addr(&root)).await;
     let relay = {
         let cfg = relay_cfg(&above_relay.addr, &verify);
@@ -452,4 +498,73 @@ async fn a_key_file_for_another_volume_stops_the_daemon() {
     let cfg = root_cfg(tmp.path(), &trusted);
     let e = start_peer(&cfg).await.err().expect("refused");
     assert!(e.to_string().contains("other"), "{e}");
+}
+
+/// Freshness: a relay that withholds an INVALIDATE (answering it upward
+/// itself) and claims a TTL of an hour can keep a reader on old data only
+/// until the expiry the root signed (2 s here), never longer: once it has
+/// passed, the reader asks again and reads the write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_withheld_invalidation_delays_a_reader_no_longer_than_the_signed_expiry() {
+    let t = tree_with_ttl(2, Some(2_000)).await;
+    let (writer, reader) = (t.leaves[0].handle(), t.leaves[1].handle());
+    t.below_relay[1].attack_down(Attack::Stale);
+    let old = within("first read", reader.read(8)).await.unwrap();
+    assert!(old.iter().all(|&b| b == 0));
+    let new = pattern(0x77, CHUNK as usize);
+    within("write", writer.write(8, 0, new.clone(), true))
+        .await
+        .unwrap();
+    // Within the signed expiry the reader may still see the old contents;
+    // that much delay a relay can cause.
+    let early = within("early read", reader.read(8)).await.unwrap();
+    assert!(early == old || early == new);
+    // Past it, never. (The wait is for the protocol's timer; nothing here
+    // asserts on how long anything took.)
+    tokio::time::sleep(std::time::Duration::from_millis(2_500)).await;
+    let late = within("late read", reader.read(8)).await.unwrap();
+    assert_eq!(late, new, "the reader used a grant past its signed expiry");
+}
+
+/// A grant whose signed expiry a relay replays after it passed is refused
+/// (and so is one without a signed expiry at all).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grants_without_a_valid_signed_expiry_are_refused() {
+    use canopy_peerd::seal::LinkKeys;
+    let k = Arc::new(TrustedKeys::generate("vol").unwrap());
+    let trusted = LinkKeys::trusted(k.clone());
+    let mut grant = Message::new(Opcode::OkReply, 3);
+    grant.params.block_num = Some(4);
+    grant.params.version = Some(9);
+    grant.params.permissions = Some(Perm::Read);
+    grant.params.ttl_ms = Some(60_000);
+
+    let mut unsigned = grant.clone();
+    assert!(trusted.grant_up(&mut unsigned).is_err(), "unsigned grant");
+
+    let mut signed = grant.clone();
+    trusted.grant_down(&mut signed);
+    let mut ok = signed.clone();
+    trusted.grant_up(&mut ok).expect("a fresh grant");
+    assert!(ok.params.ttl_ms.unwrap() <= 60_000);
+
+    let mut other_version = signed.clone();
+    other_version.params.version = Some(8);
+    assert!(
+        trusted.grant_up(&mut other_version).is_err(),
+        "other version"
+    );
+    let mut more = signed.clone();
+    more.params.permissions = Some(Perm::Write);
+    assert!(trusted.grant_up(&mut more).is_err(), "more than signed");
+
+    let expired = k.sign_grant(4, 9, Perm::Read as u8, 1);
+    let mut replayed = grant.clone();
+    replayed.params.grant = Some(Bytes::copy_from_slice(&expired.encode()));
+    assert!(trusted.grant_up(&mut replayed).is_err(), "expired grant");
+
+    // A zero TTL grants nothing to use: no signature needed.
+    let mut zero = grant.clone();
+    zero.params.ttl_ms = Some(0);
+    assert!(trusted.grant_up(&mut zero).is_ok());
 }

@@ -100,6 +100,9 @@ fn for_each_param(p: &Params, mut f: impl FnMut(ParamType, Value<'_>)) {
     if let Some(v) = p.version {
         f(ParamType::Version, Value::U64(v));
     }
+    if let Some(v) = &p.grant {
+        f(ParamType::Grant, Value::Raw(v));
+    }
 }
 
 /// Appends the wire form of `msg` to `out` (no stream length prefix).
@@ -446,6 +449,7 @@ fn has(p: &Params, pt: ParamType) -> bool {
         ParamType::ChunkSize => p.chunk_size.is_some(),
         ParamType::VolumeSize => p.volume_size.is_some(),
         ParamType::Version => p.version.is_some(),
+        ParamType::Grant => p.grant.is_some(),
     }
 }
 
@@ -532,6 +536,10 @@ fn store_param(
         ParamType::Key => {
             at_most(MAX_OPAQUE, "KEY too long")?;
             p.key = Some(value);
+        }
+        ParamType::Grant => {
+            at_most(MAX_OPAQUE, "GRANT too long")?;
+            p.grant = Some(value);
         }
         ParamType::Ttl => {
             p.ttl_ms = Some(v32()?);
@@ -875,7 +883,7 @@ mod tests {
             },
             Params::default()
         );
-        for ty in [18u16, 0x7fff] {
+        for ty in [19u16, 0x7fff] {
             hb_err(&[(ty, b"x")], Status::BadParamId, Some(ty), &[]);
         }
     }

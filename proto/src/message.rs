@@ -63,6 +63,8 @@ pub struct Params {
     pub volume_size: Option<u64>,
     /// `VERSION` of the chunk.
     pub version: Option<u64>,
+    /// `GRANT`: the signed expiry of the permission a message grants.
+    pub grant: Option<Bytes>,
 }
 
 impl Params {
@@ -170,6 +172,9 @@ impl fmt::Display for Message {
         }
         if let Some(v) = p.version {
             write!(f, " VERSION={v}")?;
+        }
+        if let Some(v) = &p.grant {
+            write!(f, " GRANT=<{} bytes>", v.len())?;
         }
         Ok(())
     }

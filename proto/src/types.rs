@@ -144,6 +144,9 @@ pub enum ParamType {
     VolumeSize = 16,
     /// Chunk version, `u64`: rises with every write that reaches the root.
     Version = 17,
+    /// A grant's signed expiry on a volume with keys (chunk, version,
+    /// permission, wall-clock expiry, signature); opaque here.
+    Grant = 18,
 }
 
 impl ParamType {
@@ -168,6 +171,7 @@ impl ParamType {
             15 => Self::ChunkSize,
             16 => Self::VolumeSize,
             17 => Self::Version,
+            18 => Self::Grant,
             _ => return None,
         })
     }

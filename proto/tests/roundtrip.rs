@@ -101,6 +101,7 @@ fn params() -> impl Strategy<Value = Params> {
         proptest::option::of(any::<u32>()),
         proptest::option::of(any::<u64>()),
         proptest::option::of(any::<u64>()),
+        proptest::option::of(blob(MAX_OPAQUE)),
     );
     (a, b).prop_map(
         |(
@@ -115,7 +116,17 @@ fn params() -> impl Strategy<Value = Params> {
                 key,
                 ttl_ms,
             ),
-            (hb_ttl_ms, status, err_param, err_value, io_op, chunk_size, volume_size, version),
+            (
+                hb_ttl_ms,
+                status,
+                err_param,
+                err_value,
+                io_op,
+                chunk_size,
+                volume_size,
+                version,
+                grant,
+            ),
         )| Params {
             volume_name,
             volume_id,
@@ -134,6 +145,7 @@ fn params() -> impl Strategy<Value = Params> {
             chunk_size,
             volume_size,
             version,
+            grant,
         },
     )
 }
