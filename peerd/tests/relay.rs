@@ -89,6 +89,14 @@ enum Attack {
     /// upward as if the child had given the chunk up, and claim a TTL of
     /// an hour on every grant.
     Stale,
+    /// Flip one bit of every write receipt.
+    ForgeReceipt,
+    /// Drop the cookie from every write.
+    StripCookie,
+    /// Garble every request: flag bits no peer knows.
+    Garble,
+    /// Truncate the next frame: a length prefix too short for any frame.
+    Truncate,
 }
 
 /// One direction's output, shared with the other direction's pump, which
@@ -107,6 +115,10 @@ struct Mitm {
     records: Arc<AtomicU64>,
     /// A record seen on the way down, for `OtherChunk`.
     captured: Arc<Mutex<Option<Message>>>,
+    /// Writes seen on the way up (with a cookie), and the latest
+    /// connection's upward half, to replay them.
+    writes: Arc<Mutex<Vec<Message>>>,
+    up_out: Arc<Mutex<Option<Out>>>,
 }
 
 impl Mitm {
@@ -117,12 +129,16 @@ impl Mitm {
         let up = Arc::new(Mutex::new(Attack::Pass));
         let records = Arc::new(AtomicU64::new(0));
         let captured = Arc::new(Mutex::new(None));
+        let writes = Arc::new(Mutex::new(Vec::new()));
+        let up_out = Arc::new(Mutex::new(None));
         let m = Mitm {
             addr,
             down: down.clone(),
             up: up.clone(),
             records: records.clone(),
             captured: captured.clone(),
+            writes: writes.clone(),
+            up_out: up_out.clone(),
         };
         tokio::spawn(async move {
             loop {
@@ -138,6 +154,7 @@ impl Mitm {
                     Arc::new(tokio::sync::Mutex::new(cw)),
                     Arc::new(tokio::sync::Mutex::new(pw)),
                 );
+                *up_out.lock() = Some(pw.clone());
                 tokio::spawn(pump(
                     pr,
                     cw.clone(),
@@ -145,6 +162,7 @@ impl Mitm {
                     down.clone(),
                     records.clone(),
                     captured.clone(),
+                    None,
                 ));
                 tokio::spawn(pump(
                     cr,
@@ -153,6 +171,7 @@ impl Mitm {
                     up.clone(),
                     records.clone(),
                     captured.clone(),
+                    Some(writes.clone()),
                 ));
             }
         });
@@ -166,6 +185,14 @@ impl Mitm {
     fn attack_up(&self, a: Attack) {
         *self.up.lock() = a;
     }
+
+    /// Send `m` up again, as captured, on the latest connection.
+    async fn replay_up(&self, m: &Message) {
+        let out = self.up_out.lock().clone().expect("a connection");
+        let mut buf = BytesMut::new();
+        write_frame(m, &mut buf);
+        out.lock().await.write_all(&buf).await.expect("replay");
+    }
 }
 
 /// Copy frames from `rd` to `wr`, applying the attack of the moment; an
@@ -177,6 +204,7 @@ async fn pump(
     attack: Arc<Mutex<Attack>>,
     records: Arc<AtomicU64>,
     captured: Arc<Mutex<Option<Message>>>,
+    writes: Option<Arc<Mutex<Vec<Message>>>>,
 ) {
     let mut buf = BytesMut::with_capacity(64 * 1024);
     loop {
@@ -187,7 +215,16 @@ async fn pump(
             if m.params.data.is_some() {
                 records.fetch_add(1, Ordering::Relaxed);
             }
+            if let (Some(w), true) = (&writes, m.params.cookie.is_some()) {
+                w.lock().push(m.clone());
+            }
             let a = attack.lock().clone();
+            if a == Attack::Truncate {
+                // Once: then the stream is lost anyway.
+                *attack.lock() = Attack::Pass;
+                let _ = wr.lock().await.write_all(&[0, 0, 0, 1, 0xAA]).await;
+                return;
+            }
             if a == Attack::Stale && m.header.opcode == Opcode::Invalidate {
                 // The child "gives it up" without ever hearing of it.
                 let mut r = Message::new(Opcode::OkReply, m.header.xid);
@@ -258,6 +295,22 @@ fn tamper(a: &Attack, m: &mut Message, captured: &Mutex<Option<Message>>) -> boo
         }
         Attack::Stale if m.params.ttl_ms.is_some_and(|t| t > 0) => {
             m.params.ttl_ms = Some(3_600_000);
+            true
+        }
+        Attack::ForgeReceipt if m.params.receipt.is_some() => {
+            let mut r = m.params.receipt.take().unwrap_or_default().to_vec();
+            if let Some(b) = r.get_mut(3) {
+                *b ^= 0x10;
+            }
+            m.params.receipt = Some(Bytes::from(r));
+            true
+        }
+        Attack::StripCookie => {
+            m.params.cookie = None;
+            true
+        }
+        Attack::Garble if m.header.opcode == Opcode::IoRequest => {
+            m.header.flags = canopy_proto::Flags(m.header.flags.0 | 0x4000);
             true
         }
         _ => true,
@@ -567,4 +620,182 @@ async fn grants_without_a_valid_signed_expiry_are_refused() {
     let mut zero = grant.clone();
     zero.params.ttl_ms = Some(0);
     assert!(trusted.grant_up(&mut zero).is_ok());
+}
+
+/// The cookies of a peer (a volume with keys has them).
+async fn cookies(p: &Peer) -> canopy_peerd::cookie::CookieStats {
+    stats(p)
+        .await
+        .cookies
+        .expect("cookie stats on a volume with keys")
+}
+
+/// Writes through the relay carry cookies the root spends once, and come
+/// back with receipts the writer checks.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_are_authorised_by_cookies_and_answered_with_receipts() {
+    let t = tree(1).await;
+    let h = t.leaves[0].handle();
+    for i in 0..3u8 {
+        let d = pattern(0x20 + i, CHUNK as usize);
+        within("write", h.write(u64::from(i), 0, d.clone(), true))
+            .await
+            .unwrap();
+        assert_eq!(origin_bytes(&t.dir, u64::from(i)), d.to_vec());
+    }
+    let leaf = cookies(&t.leaves[0]).await;
+    assert!(leaf.baked >= 3, "{leaf:?}");
+    assert!(leaf.receipts_ok >= 3, "{leaf:?}");
+    assert_eq!(leaf.receipts_bad, 0);
+    let relay = cookies(&t.relay).await;
+    assert!(relay.handed_out >= 1 && relay.receipts_ok >= 3, "{relay:?}");
+    let root = cookies(&t.root).await;
+    assert!(root.spent >= 3, "{root:?}");
+    assert_eq!(root.cookies_refused + root.replays_refused, 0, "{root:?}");
+}
+
+/// A relay replays a captured write after a newer one landed: the root
+/// refuses it (COOKIE_SPENT, counted) and the newer data stays.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replayed_write_is_refused() {
+    let t = tree(1).await;
+    let h = t.leaves[0].handle();
+    let a = pattern(0x41, CHUNK as usize);
+    within("write a", h.write(4, 0, a.clone(), true))
+        .await
+        .unwrap();
+    let old = t
+        .above_relay
+        .writes
+        .lock()
+        .last()
+        .cloned()
+        .expect("captured");
+    let b = pattern(0x42, CHUNK as usize);
+    within("write b", h.write(4, 0, b.clone(), true))
+        .await
+        .unwrap();
+    t.above_relay.replay_up(&old).await;
+    let mut refused = 0;
+    for _ in 0..100 {
+        refused = cookies(&t.root).await.replays_refused;
+        if refused > 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(refused >= 1, "the replay was not refused");
+    assert_eq!(origin_bytes(&t.dir, 4), b.to_vec(), "the replay landed");
+    let seen = within("read", h.read(4)).await.unwrap();
+    assert_eq!(seen, b);
+}
+
+/// A relay forges the receipt of a write: the writer refuses the
+/// acknowledgement (counted) and its write fails; it retries, and holds a
+/// valid receipt then.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_receipt_fails_the_write() {
+    let t = tree(1).await;
+    let h = t.leaves[0].handle();
+    t.below_relay[0].attack_down(Attack::ForgeReceipt);
+    let a = pattern(0x51, CHUNK as usize);
+    let r = within("write", h.write(7, 0, a.clone(), true)).await;
+    assert!(r.is_err(), "a write with a forged receipt was acknowledged");
+    let leaf = cookies(&t.leaves[0]).await;
+    assert!(leaf.receipts_bad >= 1, "{leaf:?}");
+    t.below_relay[0].attack_down(Attack::Pass);
+    within("retry", h.write(7, 0, a.clone(), true))
+        .await
+        .unwrap();
+    assert_eq!(origin_bytes(&t.dir, 7), a.to_vec());
+    assert!(cookies(&t.leaves[0]).await.receipts_ok >= 1);
+}
+
+/// A write without a cookie (a relay trying to originate or alter one) is
+/// refused by the root, and the writer told.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_without_a_cookie_is_refused() {
+    let t = tree(1).await;
+    let h = t.leaves[0].handle();
+    let a = pattern(0x61, CHUNK as usize);
+    within("write", h.write(3, 0, a.clone(), true))
+        .await
+        .unwrap();
+    t.above_relay.attack_up(Attack::StripCookie);
+    let b = pattern(0x62, CHUNK as usize);
+    let r = within("write", h.write(3, 0, b.clone(), true)).await;
+    assert!(r.is_err(), "a write without a cookie was acknowledged");
+    assert!(cookies(&t.root).await.cookies_refused >= 1);
+    assert_eq!(origin_bytes(&t.dir, 3), a.to_vec(), "it landed");
+    t.above_relay.attack_up(Attack::Pass);
+    within("retry", h.write(3, 0, b.clone(), true))
+        .await
+        .unwrap();
+    assert_eq!(origin_bytes(&t.dir, 3), b.to_vec());
+}
+
+/// Garbled requests are refused (counted as undecodable) and fail; a
+/// truncated frame loses the stream, which the reader closes (counted),
+/// and the leaf reconnects. Readers only ever see the written data.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbled_and_truncated_frames_are_detected() {
+    let t = tree(1).await;
+    let h = t.leaves[0].handle();
+    let a = pattern(0x71, CHUNK as usize);
+    within("write", h.write(8, 0, a.clone(), true))
+        .await
+        .unwrap();
+    t.below_relay[0].attack_up(Attack::Garble);
+    let r = within("garbled read", h.read(12)).await;
+    assert!(r.is_err(), "a garbled request was served: {r:?}");
+    assert!(stats(&t.relay).await.decode_errors >= 1);
+    t.below_relay[0].attack_up(Attack::Pass);
+
+    t.below_relay[0].attack_down(Attack::Truncate);
+    let r = within("truncated read", h.read(13)).await;
+    assert!(r.is_err(), "a read over a lost stream succeeded: {r:?}");
+    assert!(stats(&t.leaves[0]).await.decode_errors >= 1);
+    // The leaf dials again; reads are right.
+    let mut seen = None;
+    for _ in 0..100 {
+        if let Ok(d) = within("read", h.read(8)).await {
+            seen = Some(d);
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(seen, Some(a));
+}
+
+/// Random bytes on connect: the relay drops the connection (counted) and
+/// goes on serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_bytes_on_connect_are_refused() {
+    let t = tree(1).await;
+    let before = stats(&t.relay).await.decode_errors;
+    for seed in 0..4u8 {
+        let mut s = TcpStream::connect(addr(&t.relay)).await.expect("connect");
+        let junk: Vec<u8> = (0..256u32)
+            .map(|i| (i as u8).wrapping_mul(151).wrapping_add(seed))
+            .collect();
+        s.write_all(&junk).await.expect("write");
+        let mut b = [0u8; 64];
+        // The relay closes the connection (or answers an error first).
+        let _ = within("close", async {
+            loop {
+                match s.read(&mut b).await {
+                    Ok(0) | Err(_) => return Ok::<(), ()>(()),
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+    }
+    assert!(stats(&t.relay).await.decode_errors > before);
+    let h = t.leaves[0].handle();
+    let a = pattern(0x19, CHUNK as usize);
+    within("write", h.write(1, 0, a.clone(), true))
+        .await
+        .unwrap();
+    assert_eq!(within("read", h.read(1)).await.unwrap(), a);
 }
