@@ -108,10 +108,10 @@ struct Keyed {
     #[arg(long, value_name = "FILE")]
     keys: Option<PathBuf>,
     /// With --keys: the file where this node records the write cookies it
-    /// has spent, so that after a restart a replayed write is still refused
-    /// and a retried one still gets its receipt (created mode 0600)
-    /// [default for a root whose origin is a file: ORIGIN.cookies; else
-    /// kept in memory, and cookies issued before a restart are refused].
+    /// has spent (created mode 0600), so that a write retried after a
+    /// restart still gets its original receipt. Replays are refused with or
+    /// without it [default for a root whose origin is a file:
+    /// ORIGIN.cookies; else kept in memory].
     #[arg(long, value_name = "FILE", requires = "keys")]
     ledger: Option<PathBuf>,
 }
