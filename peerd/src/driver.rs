@@ -158,6 +158,10 @@ pub struct PeerStats {
     /// Write cookies and receipts (a volume with keys).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cookies: Option<CookieStats>,
+    /// Grants from the parent that claimed a TTL past their signed expiry
+    /// (lowered to it): a relay withholding invalidations shows here.
+    #[serde(default)]
+    pub grant_overclaims: u64,
 }
 
 /// Which link a reader serves.
@@ -741,12 +745,14 @@ impl NodeTask {
         }
     }
 
-    /// A message whose record failed its check: counted, never given to
-    /// the node as it came. A request is refused with BAD_VERIFIER; a reply
-    /// becomes an ERR_REPLY with BAD_VERIFIER for the request it answers,
-    /// so the requester fails (and may retry) instead of waiting; a PUSH is
-    /// dropped. A parent that sends `max_parent_faults` of them is counted
-    /// as failed: the link is dropped and the node runs its parent loss.
+    /// A message whose record, receipt or cookie failed its check:
+    /// counted, never given to the node as it came. A request is refused
+    /// with the refusal's status (BAD_VERIFIER for a record or receipt,
+    /// NO_PERMISSION or COOKIE_SPENT for a cookie); a reply becomes an
+    /// ERR_REPLY with it for the request it answers, so the requester fails
+    /// (and may retry) instead of waiting; a PUSH is dropped. A parent that
+    /// sends `max_parent_faults` bad records or receipts is counted as
+    /// failed: the link is dropped and the node runs its parent loss.
     /// (Re-attaching to another parent comes with failure recovery; this is
     /// where it will hook in.)
     fn bad_record(&mut self, src: Source, m: Message, r: Refused, now: u64) {
@@ -764,8 +770,6 @@ impl NodeTask {
         let bad = r.status == Status::BadVerifier;
         if bad {
             self.bad_records += 1;
-        }
-        if bad {
             tracing::warn!(node = %self.name, peer = %self.peer_name(src), msg = %m, reason = %r.why, "chunk record refused");
         } else {
             tracing::warn!(node = %self.name, peer = %self.peer_name(src), msg = %m, reason = %r.why, status = %r.status, "write refused");
@@ -1036,6 +1040,7 @@ impl NodeTask {
             parents_failed: self.parents_failed,
             cache: self.node.cache_stats(),
             cookies: self.keys.as_ref().map(|k| k.cookie_stats()),
+            grant_overclaims: self.keys.as_ref().map_or(0, |k| k.grant_overclaims()),
         }
     }
 

@@ -37,6 +37,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -63,7 +64,15 @@ pub struct LinkKeys {
     grants: Mutex<HashMap<u64, Bytes>>,
     /// Write cookies: the pool, a relay's writes in flight (`cookie.rs`).
     pub(crate) cookies: Cookies,
+    /// Grants from the parent that claimed a TTL past their signed expiry.
+    overclaims: AtomicU64,
 }
+
+/// How far a grant's TTL may run past its signed expiry before it counts
+/// as an overclaim: an honest parent's TTL is what it had left when it
+/// sent the grant, which the time in transit and the hosts' clock skew
+/// put a little past what is left on arrival.
+const OVERCLAIM_SLACK_MS: u64 = 1_000;
 
 pub(crate) enum Kind {
     /// A trusted node: seals and opens, issues and spends cookies.
@@ -120,6 +129,7 @@ impl LinkKeys {
             kind: Kind::Trusted { keys, issuer },
             grants: Mutex::new(HashMap::new()),
             cookies: Cookies::default(),
+            overclaims: AtomicU64::new(0),
         }
     }
 
@@ -131,6 +141,7 @@ impl LinkKeys {
             kind: Kind::Trusted { keys, issuer },
             grants: Mutex::new(HashMap::new()),
             cookies: Cookies::default(),
+            overclaims: AtomicU64::new(0),
         })
     }
 
@@ -140,6 +151,7 @@ impl LinkKeys {
             kind: Kind::Relay(verifier),
             grants: Mutex::new(HashMap::new()),
             cookies: Cookies::default(),
+            overclaims: AtomicU64::new(0),
         }
     }
 
@@ -204,11 +216,22 @@ impl LinkKeys {
         if left == 0 {
             return Err(SealFault::Grant("past its signed expiry"));
         }
+        if u64::from(ttl) > left.saturating_add(OVERCLAIM_SLACK_MS) {
+            // A relay (or a parent's clock) claims more time than was
+            // signed: evidence of a relay that withholds invalidations.
+            self.overclaims.fetch_add(1, Ordering::Relaxed);
+        }
         m.params.ttl_ms = Some(ttl.min(u32::try_from(left).unwrap_or(u32::MAX)));
         if matches!(self.kind, Kind::Relay(_)) {
             self.grants.lock().insert(chunk, bytes);
         }
         Ok(())
+    }
+
+    /// Grants from the parent whose TTL ran past their signed expiry (each
+    /// lowered to it).
+    pub fn grant_overclaims(&self) -> u64 {
+        self.overclaims.load(Ordering::Relaxed)
     }
 
     /// Turn an outgoing message's `DATA` into record fields, returning the

@@ -444,6 +444,13 @@ async fn reads_and_writes_cross_the_relay_sealed() {
     for p in [&t.root, &t.leaves[0], &t.leaves[1]] {
         assert_eq!(stats(p).await.bad_records, 0);
     }
+    for p in [&t.relay, &t.leaves[0], &t.leaves[1]] {
+        assert_eq!(
+            stats(p).await.grant_overclaims,
+            0,
+            "an honest grant counted"
+        );
+    }
 }
 
 /// For an attack on what the relay sends a reader: the reader refuses the
@@ -606,6 +613,9 @@ async fn a_withheld_invalidation_delays_a_reader_no_longer_than_the_signed_expir
     tokio::time::sleep(std::time::Duration::from_millis(2_500)).await;
     let late = within("late read", reader.read(8)).await.unwrap();
     assert_eq!(late, new, "the reader used a grant past its signed expiry");
+    // The relay's claim of an hour is caught and counted.
+    assert!(stats(&t.leaves[1]).await.grant_overclaims >= 1);
+    assert_eq!(stats(&t.leaves[0]).await.grant_overclaims, 0, "honest path");
 }
 
 /// A grant whose signed expiry a relay replays after it passed is refused
@@ -738,6 +748,7 @@ async fn a_forged_receipt_fails_the_write() {
         .unwrap();
     assert_eq!(origin_bytes(&t.dir, 7), a.to_vec());
     assert!(cookies(&t.leaves[0]).await.receipts_ok >= 1);
+    assert_eq!(within("read", h.read(7)).await.unwrap(), a);
 }
 
 /// A write without a cookie (a relay trying to originate or alter one) is
@@ -761,6 +772,7 @@ async fn a_write_without_a_cookie_is_refused() {
         .await
         .unwrap();
     assert_eq!(origin_bytes(&t.dir, 3), b.to_vec());
+    assert_eq!(within("read", h.read(3)).await.unwrap(), b);
 }
 
 /// Garbled requests are refused (counted as undecodable) and fail; a
