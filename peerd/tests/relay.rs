@@ -126,6 +126,8 @@ struct Mitm {
     /// Writes seen on the way up (with a cookie), and the latest
     /// connection's upward half, to replay them.
     writes: Arc<Mutex<Vec<Message>>>,
+    /// COOKIE_SPENT answers seen on the way down.
+    spent: Arc<Mutex<Vec<Message>>>,
     up_out: Arc<Mutex<Option<Out>>>,
 }
 
@@ -139,7 +141,9 @@ impl Mitm {
         let captured = Arc::new(Mutex::new(None));
         let writes = Arc::new(Mutex::new(Vec::new()));
         let up_out = Arc::new(Mutex::new(None));
+        let spent = Arc::new(Mutex::new(Vec::new()));
         let m = Mitm {
+            spent: spent.clone(),
             addr,
             down: down.clone(),
             up: up.clone(),
@@ -170,7 +174,7 @@ impl Mitm {
                     down.clone(),
                     records.clone(),
                     captured.clone(),
-                    None,
+                    Some(spent.clone()),
                 ));
                 tokio::spawn(pump(
                     cr,
@@ -212,6 +216,7 @@ async fn pump(
     attack: Arc<Mutex<Attack>>,
     records: Arc<AtomicU64>,
     captured: Arc<Mutex<Option<Message>>>,
+    // What to keep of the messages passed on (see `Mitm::writes`, `spent`).
     writes: Option<Arc<Mutex<Vec<Message>>>>,
 ) {
     let mut buf = BytesMut::with_capacity(64 * 1024);
@@ -223,7 +228,9 @@ async fn pump(
             if m.params.data.is_some() {
                 records.fetch_add(1, Ordering::Relaxed);
             }
-            if let (Some(w), true) = (&writes, m.params.cookie.is_some()) {
+            // Up: writes (with a cookie); down: COOKIE_SPENT answers.
+            let keep = m.params.cookie.is_some() || m.params.status == Some(Status::CookieSpent);
+            if let (Some(w), true) = (&writes, keep) {
                 w.lock().push(m.clone());
             }
             let a = attack.lock().clone();
@@ -727,6 +734,23 @@ async fn a_replayed_write_is_refused() {
     assert_eq!(origin_bytes(&t.dir, 4), b.to_vec(), "the replay landed");
     let seen = within("read", h.read(4)).await.unwrap();
     assert_eq!(seen, b);
+    // The answer is the one a retry of that write needs: COOKIE_SPENT with
+    // the write's original receipt, from the ledger's reply cache.
+    let answer = t
+        .above_relay
+        .spent
+        .lock()
+        .iter()
+        .find(|m| m.header.xid == old.header.xid)
+        .cloned()
+        .expect("the root answered the replay");
+    let verifier = canopy_keys::Verifier::load(&t.dir.join("keys/vol.verify")).unwrap();
+    let baked = canopy_keys::BakedCookie::decode(old.params.cookie.as_ref().unwrap()).unwrap();
+    let receipt =
+        canopy_keys::Receipt::decode(answer.params.receipt.as_ref().expect("receipt")).unwrap();
+    verifier
+        .verify_receipt(&baked, &receipt)
+        .expect("the original receipt");
 }
 
 /// A relay forges the receipt of a write: the writer refuses the
