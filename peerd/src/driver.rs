@@ -705,6 +705,27 @@ impl NodeTask {
                         Source::Parent(gen) if self.parent_is(gen) => self.send_parent(reply),
                         Source::Parent(_) => {}
                     }
+                } else if let (Some(xid), true) = (e.xid, e.opcode.is_some_and(Opcode::is_reply)) {
+                    // A reply we cannot read: fail the request it answers,
+                    // rather than leave it waiting for an answer that came.
+                    let mut r = Message::err_reply(xid, e.status);
+                    r.params.err_param = e.err_param;
+                    match src {
+                        Source::Child(id) if self.children.contains_key(&id) => {
+                            self.node.handle_child(id, r, now);
+                        }
+                        Source::Parent(gen) if self.parent_is(gen) => {
+                            self.node.handle_parent(r, now);
+                        }
+                        _ => {}
+                    }
+                }
+                // On a volume with keys the parent may be a relay: garbled
+                // messages count against it like bad records.
+                if let (Source::Parent(gen), true) = (src, self.keys.is_some()) {
+                    if self.parent_is(gen) {
+                        self.parent_fault(gen, now);
+                    }
                 }
             }
             Event::BadRecord(src, m, r) => self.bad_record(src, m, r, now),
@@ -797,21 +818,29 @@ impl NodeTask {
         }
         if let (Source::Parent(gen), true) = (src, bad) {
             self.bad_records_from_parent += 1;
-            self.parent_faults += 1;
-            if self.max_parent_faults > 0 && self.parent_faults >= self.max_parent_faults {
-                tracing::error!(
-                    node = %self.name,
-                    faults = self.parent_faults,
-                    "parent sent too many bad records; counting it as failed"
-                );
-                self.parents_failed += 1;
-                self.parent_faults = 0;
-                if let Some((_, link)) = self.parent.take() {
-                    drop(link.close());
-                    let _ = self.reset_tx.send(gen);
-                }
-                self.node.parent_down(now);
+            self.parent_fault(gen, now);
+        }
+    }
+
+    /// The parent (of link generation `gen`) sent a bad record, receipt or
+    /// message: after `max_parent_faults` it is counted as failed, the link
+    /// dropped and the node runs its parent loss. (Re-attaching to another
+    /// parent comes with failure recovery; this is where it will hook in.)
+    fn parent_fault(&mut self, gen: u64, now: u64) {
+        self.parent_faults += 1;
+        if self.max_parent_faults > 0 && self.parent_faults >= self.max_parent_faults {
+            tracing::error!(
+                node = %self.name,
+                faults = self.parent_faults,
+                "parent sent too many bad records or messages; counting it as failed"
+            );
+            self.parents_failed += 1;
+            self.parent_faults = 0;
+            if let Some((_, link)) = self.parent.take() {
+                drop(link.close());
+                let _ = self.reset_tx.send(gen);
             }
+            self.node.parent_down(now);
         }
     }
 

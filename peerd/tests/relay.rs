@@ -95,6 +95,8 @@ enum Attack {
     StripCookie,
     /// Garble every request: flag bits no peer knows.
     Garble,
+    /// Garble every reply the same way.
+    GarbleReplies,
     /// Truncate the next frame: a length prefix too short for any frame.
     Truncate,
     /// Keep the latest granted record of this chunk (in `captured`).
@@ -346,6 +348,10 @@ fn tamper(a: &Attack, m: &mut Message, captured: &Mutex<Option<Message>>) -> boo
             true
         }
         Attack::Garble if m.header.opcode == Opcode::IoRequest => {
+            m.header.flags = canopy_proto::Flags(m.header.flags.0 | 0x4000);
+            true
+        }
+        Attack::GarbleReplies if m.header.opcode == Opcode::OkReply => {
             m.header.flags = canopy_proto::Flags(m.header.flags.0 | 0x4000);
             true
         }
@@ -815,6 +821,13 @@ async fn garbled_and_truncated_frames_are_detected() {
     assert!(r.is_err(), "a garbled request was served: {r:?}");
     assert!(stats(&t.relay).await.decode_errors >= 1);
     t.below_relay[0].attack_up(Attack::Pass);
+
+    // A garbled reply fails the request it answers; it does not hang.
+    t.below_relay[0].attack_down(Attack::GarbleReplies);
+    let r = within("read with a garbled reply", h.read(14)).await;
+    assert!(r.is_err(), "a garbled reply was used: {r:?}");
+    assert!(stats(&t.leaves[0]).await.decode_errors >= 1);
+    t.below_relay[0].attack_down(Attack::Pass);
 
     t.below_relay[0].attack_down(Attack::Truncate);
     let r = within("truncated read", h.read(13)).await;
