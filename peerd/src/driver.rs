@@ -53,6 +53,7 @@ use crate::cookie::{is_write, CookieStats, Delivery, LinkCookies, ASK_AGAIN};
 use crate::seal::LinkKeys;
 use crate::trace::{Direction, PeerName, Tracer};
 use crate::view::ReadView;
+use canopy_keys::SealedRecord;
 
 /// Events queued to the node task before readers wait for it.
 const EVENT_QUEUE: usize = 1024;
@@ -1476,7 +1477,8 @@ async fn write_loop(
         keys,
         down,
         link,
-        spent: false,
+        parked: VecDeque::new(),
+        parked_since: None,
     };
     if out.run(&mut rx).await.is_err() {
         tracing::debug!("link writer stopped");
@@ -1496,8 +1498,12 @@ struct LinkOut {
     /// The link leads to a child.
     down: bool,
     link: Arc<LinkCookies>,
-    /// A receipt in `buf` whose spend is not yet durable.
-    spent: bool,
+    /// Sealed messages held back, in order, behind a write that waits for
+    /// a cookie (parent link). HEARTBEATs pass them: they order nothing,
+    /// and a parent that stopped hearing them would count us as failed.
+    parked: VecDeque<(Message, Option<SealedRecord>)>,
+    /// When the oldest parked write started waiting, for the log.
+    parked_since: Option<Instant>,
 }
 
 /// The link is gone (write failed, ledger unusable, or the node dropped it).
@@ -1505,54 +1511,46 @@ struct LinkGone;
 
 impl LinkOut {
     async fn run(&mut self, rx: &mut mpsc::UnboundedReceiver<Message>) -> Result<(), LinkGone> {
-        let relay_up = self.keys.as_ref().filter(|_| !self.down).cloned();
+        let up = self.keys.as_ref().filter(|_| !self.down).cloned();
+        if let Some(k) = &up {
+            // A new parent link: cookies from an earlier one may be from a
+            // parent that has restarted since, which refuses them.
+            k.cookie_state().clear();
+        }
         loop {
+            self.unpark();
             self.ask_cookies();
             if !self.buf.is_empty() {
                 self.flush().await?;
             }
-            let m = match &relay_up {
-                // A parent link also tops its pool up when children took
-                // cookies from it.
+            let m = match &up {
+                // A parent link also wakes when cookies arrive (a parked
+                // write), when children took cookies from its pool (top it
+                // up), and to ask again for cookies that did not come.
                 Some(k) => tokio::select! {
                     m = rx.recv() => m,
                     () = k.cookie_state().wanted() => continue,
+                    () = k.cookie_state().wait_filled(ASK_AGAIN), if !self.parked.is_empty() => continue,
                 },
                 None => rx.recv().await,
             };
             let Some(m) = m else {
                 return Ok(());
             };
-            self.put(m, rx).await?;
+            self.put(m);
             // Batch whatever else is already queued into one write, bounded
             // so a long queue does not build one giant buffer.
             while self.buf.len() < 1 << 20 {
                 match rx.try_recv() {
-                    Ok(m) => self.put(m, rx).await?,
+                    Ok(m) => self.put(m),
                     Err(_) => break,
                 }
             }
         }
     }
 
-    /// Write out `buf`; receipts in it go only once their spends are on
-    /// disk.
+    /// Write out `buf`.
     async fn flush(&mut self) -> Result<(), LinkGone> {
-        if std::mem::take(&mut self.spent) {
-            if let Some(k) = self.keys.clone() {
-                let synced = tokio::task::spawn_blocking(move || k.sync_ledger()).await;
-                match synced {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => {
-                        // Without a durable spend the receipt must not go:
-                        // drop the link, so the writer fails and retries.
-                        tracing::error!(error = %e, "cookie ledger not synced; closing the link");
-                        return Err(LinkGone);
-                    }
-                    Err(_) => return Err(LinkGone),
-                }
-            }
-        }
         let r = self.wr.write_all(&self.buf).await;
         self.buf.clear();
         r.map_err(|e| {
@@ -1573,14 +1571,10 @@ impl LinkOut {
 
     /// Seal, cookie and frame one message. A message that cannot be
     /// sealed is dropped, never sent in clear.
-    async fn put(
-        &mut self,
-        mut m: Message,
-        rx: &mut mpsc::UnboundedReceiver<Message>,
-    ) -> Result<(), LinkGone> {
+    fn put(&mut self, mut m: Message) {
         let Some(k) = self.keys.clone() else {
             write_frame(&m, &mut self.buf);
-            return Ok(());
+            return;
         };
         if self.down {
             k.grant_down(&mut m);
@@ -1589,31 +1583,55 @@ impl LinkOut {
             Ok(rec) => rec,
             Err(e) => {
                 tracing::error!(msg = %m, error = %e, "cannot seal a message; dropped");
-                return Ok(());
+                return;
             }
         };
         if self.down {
-            self.spent |= k.reply_down(&self.link, &mut m, wall_ms());
-        } else if let (Some(rec), true) = (&rec, is_write(&m)) {
-            // A write waits for a cookie; what is queued before it goes
-            // first, in order.
-            let mut waits = 0u32;
-            while k.bake_up(&self.link, &mut m, rec).is_err() {
-                waits += 1;
-                if waits == 5 {
-                    tracing::warn!(msg = %m, "no write cookies from the parent yet; the write waits");
-                }
-                self.ask_cookies();
-                if !self.buf.is_empty() {
-                    self.flush().await?;
-                }
-                k.cookie_state().wait_filled(ASK_AGAIN).await;
-                if rx.is_closed() {
-                    return Err(LinkGone);
-                }
+            k.reply_down(&self.link, &mut m, wall_ms());
+            write_frame(&m, &mut self.buf);
+        } else if !self.parked.is_empty() && m.header.opcode != Opcode::Heartbeat {
+            self.parked.push_back((m, rec));
+        } else {
+            self.send_up(&k, m, rec);
+        }
+    }
+
+    /// Frame a message for the parent, baking a cookie for a write; a
+    /// write with no cookie to bake is parked, and all after it.
+    fn send_up(&mut self, k: &LinkKeys, mut m: Message, rec: Option<SealedRecord>) {
+        if let (Some(r), true) = (&rec, is_write(&m)) {
+            if k.bake_up(&self.link, &mut m, r).is_err() {
+                self.parked_since.get_or_insert_with(Instant::now);
+                self.parked.push_front((m, rec));
+                return;
             }
         }
         write_frame(&m, &mut self.buf);
-        Ok(())
+    }
+
+    /// Send what is parked, in order, as far as cookies go.
+    fn unpark(&mut self) {
+        let Some(k) = self.keys.clone() else {
+            return;
+        };
+        while let Some((m, rec)) = self.parked.pop_front() {
+            let left = self.parked.len();
+            self.send_up(&k, m, rec);
+            if self.parked.len() > left {
+                // Parked again: still no cookie.
+                if self.parked_since.is_some_and(|t| t.elapsed() >= WAIT_WARN) {
+                    tracing::warn!(
+                        parked = self.parked.len(),
+                        "no write cookies from the parent yet; writes wait"
+                    );
+                    self.parked_since = Some(Instant::now());
+                }
+                return;
+            }
+        }
+        self.parked_since = None;
     }
 }
+
+/// How long writes wait for cookies before each warning.
+const WAIT_WARN: Duration = Duration::from_secs(5);

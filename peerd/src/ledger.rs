@@ -14,10 +14,13 @@
 //! **Persistence.** With a file, every spent cookie (value, expiry, and the
 //! hash of the baked cookie it was spent on) survives a restart until the
 //! cookie expires, so a retried write is still answered from the reply
-//! cache and a replayed one still refused. The receipt of a spend goes out
-//! only after the entry is fsynced ([`Issuer::sync`]). Without a file a
-//! retry across a restart gets an error instead of its receipt (it is
-//! still never applied twice: its cookie's tag no longer checks).
+//! cache. Safety does not rest on the file: a cookie issued before a
+//! restart no longer checks, so nothing is applied twice whatever the file
+//! lost. Spends are therefore appended without an fsync each (a process
+//! restart keeps them; a host crash may lose the last ones, and their
+//! retries then get an error instead of the receipt); [`Issuer::sync`]
+//! and compaction make them durable. Without a file a retry across any
+//! restart gets that error.
 //!
 //! **Reply cache.** ed25519 signatures are deterministic, so the receipt of
 //! a spent cookie is made again from the same baked cookie: the ledger only
@@ -101,8 +104,10 @@ struct State {
     file: Option<(PathBuf, File)>,
     /// Entries in the file (live or not).
     in_file: usize,
-    /// Whether entries were appended since the last fsync.
-    unsynced: bool,
+    /// Entries appended to the file since it was opened, and how many of
+    /// them a completed fsync covers.
+    appended: u64,
+    synced: u64,
 }
 
 /// A trusted node's cookie issuer and spent-cookie ledger.
@@ -141,7 +146,8 @@ impl Issuer {
                 pending: HashSet::new(),
                 file: None,
                 in_file: 0,
-                unsynced: false,
+                appended: 0,
+                synced: 0,
             }),
         }
     }
@@ -229,7 +235,8 @@ impl Issuer {
             .map_err(io(path))?;
         st.in_file = st.spent.len();
         st.file = Some((path.to_path_buf(), f));
-        st.unsynced = false;
+        // The rewrite was fsynced: it holds every spend so far.
+        st.synced = st.appended;
         Ok(())
     }
 
@@ -337,7 +344,7 @@ impl Issuer {
                 return false;
             }
             st.in_file += 1;
-            st.unsynced = true;
+            st.appended += 1;
         }
         true
     }
@@ -353,22 +360,29 @@ impl Issuer {
     /// Make every spend so far durable; called before their receipts are
     /// sent. Compacts the file when it has grown well past the live set.
     pub fn sync(&self) -> Result<(), LedgerError> {
-        let compact = {
-            let mut st = self.state.lock();
-            if !st.unsynced {
+        // The fsync runs on a duplicate of the file's descriptor, outside
+        // the lock, so that writes keep being admitted meanwhile. Each
+        // caller waits for an fsync that began after its own spends were
+        // written (`appended` then), so none sends a receipt on the
+        // strength of another's fsync still in progress.
+        let (path, file, target, compact) = {
+            let st = self.state.lock();
+            if st.synced >= st.appended {
                 return Ok(());
             }
-            let live = st.spent.len();
-            let in_file = st.in_file;
-            let Some((path, f)) = &mut st.file else {
+            let Some((path, f)) = &st.file else {
                 return Ok(());
             };
-            let path = path.clone();
-            f.sync_data().map_err(io(&path))?;
-            st.unsynced = false;
-            (in_file > live + COMPACT_SLACK).then_some(path)
+            let compact = st.in_file > st.spent.len() + COMPACT_SLACK;
+            let file = f.try_clone().map_err(io(path))?;
+            (path.clone(), file, st.appended, compact)
         };
-        if let Some(path) = compact {
+        file.sync_data().map_err(io(&path))?;
+        {
+            let mut st = self.state.lock();
+            st.synced = st.synced.max(target);
+        }
+        if compact {
             self.rewrite(&path)?;
         }
         Ok(())

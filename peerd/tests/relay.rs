@@ -101,6 +101,8 @@ enum Attack {
     Truncate,
     /// Keep the latest granted record of this chunk (in `captured`).
     Keep(u64),
+    /// Withhold cookies: strip them from replies, drop GET_COOKIES answers.
+    StarveCookies,
     /// Serve the kept record (an older valid version) in place of newer
     /// ones of its chunk, with its own old grant or with the new one.
     OldVersion {
@@ -130,6 +132,8 @@ struct Mitm {
     writes: Arc<Mutex<Vec<Message>>>,
     /// COOKIE_SPENT answers seen on the way down.
     spent: Arc<Mutex<Vec<Message>>>,
+    /// Connections accepted (a child that reconnects shows here).
+    conns: Arc<AtomicU64>,
     up_out: Arc<Mutex<Option<Out>>>,
 }
 
@@ -144,7 +148,9 @@ impl Mitm {
         let writes = Arc::new(Mutex::new(Vec::new()));
         let up_out = Arc::new(Mutex::new(None));
         let spent = Arc::new(Mutex::new(Vec::new()));
+        let conns = Arc::new(AtomicU64::new(0));
         let m = Mitm {
+            conns: conns.clone(),
             spent: spent.clone(),
             addr,
             down: down.clone(),
@@ -159,6 +165,7 @@ impl Mitm {
                 let Ok((child, _)) = listener.accept().await else {
                     return;
                 };
+                conns.fetch_add(1, Ordering::Relaxed);
                 let Ok(parent) = TcpStream::connect(&parent).await else {
                     continue;
                 };
@@ -343,6 +350,10 @@ fn tamper(a: &Attack, m: &mut Message, captured: &Mutex<Option<Message>>) -> boo
             }
             true
         }
+        Attack::StarveCookies => {
+            m.params.cookies = None;
+            m.header.xid < 0xFFFF_0000
+        }
         Attack::StripCookie => {
             m.params.cookie = None;
             true
@@ -377,11 +388,17 @@ async fn tree(leaves: usize) -> Tree {
 
 /// The tree, the root's grants lasting `grant_ttl_ms` if given.
 async fn tree_with_ttl(leaves: usize, grant_ttl_ms: Option<u64>) -> Tree {
+    tree_with(leaves, grant_ttl_ms, None).await
+}
+
+/// The tree, with the root's grant TTL and HB_TTL if given.
+async fn tree_with(leaves: usize, grant_ttl_ms: Option<u64>, hb_ttl_ms: Option<u64>) -> Tree {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().to_path_buf();
     let (trusted, verify) = keys(&dir.join("keys"));
     let mut root_cfg = root_cfg(&dir, &trusted);
     root_cfg.grant_ttl = grant_ttl_ms.map(canopy_peerd::config::Millis);
+    root_cfg.hb_ttl = hb_ttl_ms.map(canopy_peerd::config::Millis);
     let root = start(root_cfg).await;
     let above_relay = Mitm::start(addr(&root)).await;
     let relay = {
@@ -700,7 +717,7 @@ async fn writes_are_authorised_by_cookies_and_answered_with_receipts() {
     assert!(leaf.receipts_ok >= 3, "{leaf:?}");
     assert_eq!(leaf.receipts_bad, 0);
     let relay = cookies(&t.relay).await;
-    assert!(relay.handed_out >= 1 && relay.receipts_ok >= 3, "{relay:?}");
+    assert!(relay.handed_out >= 1 && relay.baked >= 3, "{relay:?}");
     let root = cookies(&t.root).await;
     assert!(root.spent >= 3, "{root:?}");
     assert_eq!(root.cookies_refused + root.replays_refused, 0, "{root:?}");
@@ -931,4 +948,101 @@ async fn an_older_valid_version_is_refused() {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
     assert_eq!(seen, Some(b));
+}
+
+/// Many writes at once from an async leaf with a small cache, through a
+/// relay: cookies keep up (the pool refills from write replies and
+/// GET_COOKIES), no write waits for ever, and the origin ends with every
+/// last write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_storm_through_a_relay_never_runs_out_of_cookies() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().to_path_buf();
+    let (trusted, verify) = keys(&dir.join("keys"));
+    let root = start(root_cfg(&dir, &trusted)).await;
+    let relay = {
+        let mut cfg = relay_cfg(&addr(&root), &verify);
+        cfg.cache_chunks = Some(32);
+        start_peer(&cfg).await.expect("relay starts")
+    };
+    let mut cfg = leaf_cfg("W", &addr(&relay), Some(&trusted));
+    cfg.write_mode = Some(canopy_peerd::config::WriteModeSetting::Async);
+    cfg.cache_chunks = Some(16);
+    let leaf = start(cfg).await;
+    let h = leaf.handle();
+    let chunks = VOLUME / CHUNK;
+    let mut last = std::collections::HashMap::new();
+    for round in 0..8u64 {
+        let mut set = tokio::task::JoinSet::new();
+        for c in 0..chunks {
+            let d = pattern((round * 7 + c) as u8, CHUNK as usize);
+            last.insert(c, d.clone());
+            let h = h.clone();
+            set.spawn(async move { h.write(c, 0, d, false).await });
+        }
+        within("a round of writes", async {
+            while let Some(r) = set.join_next().await {
+                r.expect("task").expect("write");
+            }
+        })
+        .await;
+    }
+    within("flush", h.flush()).await.expect("flush");
+    for c in 0..chunks {
+        assert_eq!(origin_bytes(&dir, c), last[&c].to_vec(), "chunk {c}");
+    }
+    let leaf_cookies = cookies(&leaf).await;
+    assert_eq!(leaf_cookies.receipts_bad, 0, "{leaf_cookies:?}");
+    assert!(leaf_cookies.baked >= chunks, "{leaf_cookies:?}");
+}
+
+/// A parent that hands out no cookies makes writes wait, never fail or go
+/// without one, and never costs the writer its parent: HEARTBEATs pass the
+/// waiting writes. Once cookies come, the writes complete in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_wait_for_cookies_without_losing_the_parent() {
+    let t = tree_with(1, None, Some(1_000)).await;
+    let h = t.leaves[0].handle();
+    t.below_relay[0].attack_down(Attack::StarveCookies);
+    let writes = tokio::spawn({
+        let h = h.clone();
+        async move {
+            for i in 0..200u64 {
+                let d = pattern(i as u8, CHUNK as usize);
+                h.write(i % (VOLUME / CHUNK), 0, d, true).await?;
+            }
+            Ok::<(), canopy_peerd::driver::RequestError>(())
+        }
+    });
+    // The pool runs dry and writes start to wait.
+    let mut waited = false;
+    for _ in 0..200 {
+        if cookies(&t.leaves[0]).await.pool_waits > 0 {
+            waited = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(waited, "the writes never ran out of cookies");
+    // Three HB_TTLs with a write waiting: the leaf keeps its parent. (The
+    // wait is for the protocol's timers; nothing asserts on time taken.)
+    tokio::time::sleep(std::time::Duration::from_millis(3_000)).await;
+    assert_eq!(
+        t.below_relay[0].conns.load(Ordering::Relaxed),
+        1,
+        "the leaf lost its parent"
+    );
+    assert!(!writes.is_finished(), "writes went on without cookies");
+    t.below_relay[0].attack_down(Attack::Pass);
+    within("the writes", writes)
+        .await
+        .expect("task")
+        .expect("writes");
+    for i in (200 - VOLUME / CHUNK)..200u64 {
+        assert_eq!(
+            origin_bytes(&t.dir, i % (VOLUME / CHUNK)),
+            pattern(i as u8, CHUNK as usize).to_vec()
+        );
+    }
+    assert_eq!(cookies(&t.leaves[0]).await.receipts_bad, 0);
 }
