@@ -638,8 +638,8 @@ impl LinkKeys {
         }
     }
 
-    /// Make the spends recorded so far durable (before their receipts go
-    /// out); a no-op on a relay or without a ledger file.
+    /// Make the spends recorded so far durable (at a clean stop); a no-op
+    /// on a relay or without a ledger file.
     pub fn sync_ledger(&self) -> Result<(), crate::ledger::LedgerError> {
         match &self.kind {
             Kind::Trusted { issuer, .. } => issuer.sync(),

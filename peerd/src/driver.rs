@@ -1114,6 +1114,19 @@ impl NodeTask {
         if drained.is_err() {
             tracing::warn!(node = %self.name, "writers did not drain in time");
         }
+        // Spends are appended without an fsync each (`ledger.rs`): a clean
+        // stop makes them durable, for retries after the restart.
+        if let Some(k) = self.keys.clone() {
+            match tokio::task::spawn_blocking(move || k.sync_ledger()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(node = %self.name, error = %e, "cookie ledger not synced")
+                }
+                Err(e) => {
+                    tracing::warn!(node = %self.name, error = %e, "cookie ledger sync failed")
+                }
+            }
+        }
         tracing::info!(node = %self.name, "stopped");
     }
 }

@@ -19,7 +19,7 @@
 //! lost. Spends are therefore appended without an fsync each (a process
 //! restart keeps them; a host crash may lose the last ones, and their
 //! retries then get an error instead of the receipt); [`Issuer::sync`]
-//! and compaction make them durable. Without a file a retry across any
+//! at a clean stop, and compaction, make them durable. Without a file a retry across any
 //! restart gets that error.
 //!
 //! **Reply cache.** ed25519 signatures are deterministic, so the receipt of
@@ -357,8 +357,8 @@ impl Issuer {
         }
     }
 
-    /// Make every spend so far durable; called before their receipts are
-    /// sent. Compacts the file when it has grown well past the live set.
+    /// Make every spend so far durable (a clean stop). Compacts the file
+    /// when it has grown well past the live set.
     pub fn sync(&self) -> Result<(), LedgerError> {
         // The fsync runs on a duplicate of the file's descriptor, outside
         // the lock, so that writes keep being admitted meanwhile. Each
