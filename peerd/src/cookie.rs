@@ -88,7 +88,7 @@ pub struct CookieStats {
     /// Cookies from the parent that did not open (trusted) or had the
     /// wrong length.
     pub cookies_bad: u64,
-    /// Times a write waited for the pool to fill.
+    /// Waits (of up to `ASK_AGAIN` each) of parked writes for cookies.
     pub pool_waits: u64,
     /// Cookies in the pool now.
     pub pool: u64,
@@ -359,8 +359,9 @@ impl LinkKeys {
     }
 
     /// On the parent link, a write going up as `rec`: attach its baked
-    /// cookie. `Err` when a trusted node's pool is empty: the caller asks
-    /// for cookies, waits, and calls again.
+    /// cookie. `Err` when a trusted node's pool is empty: the caller parks
+    /// the write (and what follows it), asks for cookies, and calls again
+    /// when they come.
     pub fn bake_up(
         &self,
         link: &LinkCookies,
@@ -434,8 +435,8 @@ impl LinkKeys {
             if m.params.status == Some(Status::NoPermission)
                 && m.params.err_param == Some(ParamType::Cookie as u16)
             {
-                // Our cookies are not the parent's (it restarted without
-                // its ledger, say): drop them and fetch fresh ones.
+                // Our cookies are not the parent's (it restarted since it
+                // issued them, say): drop them and fetch fresh ones.
                 c.pool.lock().clear();
             }
             if let Inflight::Digest(d) = w {
