@@ -103,12 +103,7 @@ fn params() -> impl Strategy<Value = Params> {
         proptest::option::of(any::<u64>()),
         proptest::option::of(blob(MAX_OPAQUE)),
     );
-    let c = (
-        proptest::option::of(blob(MAX_OPAQUE)),
-        proptest::option::of(blob(MAX_OPAQUE)),
-        proptest::option::of(blob(MAX_OPAQUE)),
-    );
-    (a, b, c).prop_map(
+    (a, b).prop_map(
         |(
             (
                 volume_name,
@@ -132,7 +127,6 @@ fn params() -> impl Strategy<Value = Params> {
                 version,
                 grant,
             ),
-            (cookie, receipt, cookies),
         )| Params {
             volume_name,
             volume_id,
@@ -152,9 +146,6 @@ fn params() -> impl Strategy<Value = Params> {
             volume_size,
             version,
             grant,
-            cookie,
-            receipt,
-            cookies,
         },
     )
 }
