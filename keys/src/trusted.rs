@@ -250,9 +250,22 @@ impl TrustedKeys {
     /// # Panics
     /// If the operating system's random number generator fails.
     pub fn issue_cookie(&self, expires_ms: u64) -> SealedCookie {
+        let mut value = Zeroizing::new([0u8; COOKIE_VALUE_LEN]);
+        OsRng.fill_bytes(&mut value[..]);
+        self.issue_cookie_value(&value, expires_ms)
+    }
+
+    /// Issues a raw cookie with a value the issuer chose (for example one
+    /// that carries the issuer's own tag, so that it accepts only the
+    /// cookies it issued), sealed like [`TrustedKeys::issue_cookie`].
+    pub fn issue_cookie_value(
+        &self,
+        value: &[u8; COOKIE_VALUE_LEN],
+        expires_ms: u64,
+    ) -> SealedCookie {
         let mut plain = Zeroizing::new([0u8; COOKIE_PLAINTEXT_LEN]);
-        let (value, expiry) = plain.split_at_mut(COOKIE_VALUE_LEN);
-        OsRng.fill_bytes(value);
+        let (v, expiry) = plain.split_at_mut(COOKIE_VALUE_LEN);
+        v.copy_from_slice(value);
         expiry.copy_from_slice(&expires_ms.to_le_bytes());
         let nonce = random::<NONCE_LEN>();
         let tag = self

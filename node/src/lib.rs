@@ -31,6 +31,11 @@ mod version;
 mod view;
 
 pub use config::{NodeConfig, Role, WriteMode};
+
+/// XIDs at and above this are never the node's: the transport uses them for
+/// requests of its own on a link (GET_COOKIES on a volume with keys), and
+/// takes their replies before they reach the node.
+pub const LINK_XIDS: u32 = 0xFFFF_0000;
 pub use entry::ChunkView;
 pub use local::{LocalId, LocalOp, LocalReply};
 pub use node::{Action, Node, NodeStats};

@@ -376,7 +376,13 @@ impl Node {
 
     pub(crate) fn alloc_xid(&mut self, what: Outstanding) -> u32 {
         let xid = self.next_xid;
-        self.next_xid = self.next_xid.wrapping_add(1).max(1);
+        // XIDs from LINK_XIDS up are the transport's own (GET_COOKIES).
+        let next = self.next_xid.wrapping_add(1);
+        self.next_xid = if next == 0 || next >= crate::LINK_XIDS {
+            1
+        } else {
+            next
+        };
         self.outstanding.insert(xid, what);
         xid
     }

@@ -311,6 +311,11 @@ pub struct PeerConfig {
     /// only, and required there).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub verify_key: Option<PathBuf>,
+    /// With `keys`: where this node records the write cookies it spent
+    /// (see `canopy-peerd root --help`); default for a root whose origin
+    /// is a regular file: ORIGIN.cookies, else in memory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ledger: Option<PathBuf>,
     /// Bad records (failed signature or tag) from the parent before it is
     /// counted as failed and the link dropped (proxy, leaf, relay on a
     /// volume with keys); default 3, 0 for never.
@@ -400,6 +405,7 @@ impl PeerConfig {
             push_ahead: None,
             keys: None,
             verify_key: None,
+            ledger: None,
             max_parent_faults: None,
         }
     }
@@ -476,6 +482,7 @@ impl PeerConfig {
                     // A relay cannot open or write chunks; it passes writes
                     // on as its children sent them.
                     present("keys", self.keys.is_some())?;
+                    present("ledger", self.ledger.is_some())?;
                     present("write_mode", self.write_mode.is_some())?;
                 } else {
                     present("verify_key", self.verify_key.is_some())?;
@@ -487,6 +494,9 @@ impl PeerConfig {
                 present("hb_ttl", self.hb_ttl.is_some())?;
                 present("grant_ttl", self.grant_ttl.is_some())?;
             }
+        }
+        if self.ledger.is_some() && self.keys.is_none() {
+            return Err("`ledger` needs `keys`".into());
         }
         if let Some(cs) = self.chunk_size {
             let ok = usize::try_from(cs.0)

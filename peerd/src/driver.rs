@@ -40,7 +40,7 @@ use bytes::{Bytes, BytesMut};
 use canopy_cache::Backing;
 use canopy_node::{Action, ChildId, LocalId, LocalOp, LocalReply, Node, NodeStats};
 use canopy_proto::frame::{split_frame, write_frame};
-use canopy_proto::{decode, DecodeError, Message, Opcode, Perm, Status};
+use canopy_proto::{decode, DecodeError, Message, Opcode, ParamType, Perm, Status};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
@@ -49,9 +49,11 @@ use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 
+use crate::cookie::{is_write, CookieStats, Delivery, LinkCookies, ASK_AGAIN};
 use crate::seal::LinkKeys;
 use crate::trace::{Direction, PeerName, Tracer};
 use crate::view::ReadView;
+use canopy_keys::SealedRecord;
 
 /// Events queued to the node task before readers wait for it.
 const EVENT_QUEUE: usize = 1024;
@@ -137,7 +139,7 @@ pub struct PeerStats {
     /// The node's own counters, flattened into the same JSON object.
     #[serde(flatten)]
     pub node: NodeStats,
-    /// Messages that did not decode.
+    /// Messages that did not decode, and streams whose framing was lost.
     pub decode_errors: u64,
     /// Chunk records refused: a bad signature or tag, or data sent unsealed
     /// on a volume with keys (each answered BAD_VERIFIER, none stored or
@@ -154,6 +156,13 @@ pub struct PeerStats {
     /// once connected to a volume with data).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache: Option<canopy_cache::StackStats>,
+    /// Write cookies and receipts (a volume with keys).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cookies: Option<CookieStats>,
+    /// Grants from the parent that claimed a TTL past their signed expiry
+    /// (lowered to it): a relay withholding invalidations shows here.
+    #[serde(default)]
+    pub grant_overclaims: u64,
 }
 
 /// Which link a reader serves.
@@ -197,12 +206,36 @@ enum Event {
     },
     Msg(Source, Message),
     Bad(Source, DecodeError),
-    /// A message whose chunk record failed its check (`seal.rs`).
-    BadRecord(Source, Message, String),
+    /// A stream whose framing was lost (the link then closes).
+    FramingLost(Source),
+    /// A message whose chunk record, receipt or cookie failed its check
+    /// (`seal.rs`, `cookie.rs`).
+    BadRecord(Source, Message, Refused),
     Closed(Source),
     Local(LocalOp, oneshot::Sender<Result<LocalReply, Status>>),
     Stats(oneshot::Sender<PeerStats>),
     Unsynced(oneshot::Sender<Vec<u64>>),
+}
+
+/// Why the links refused a message, and how to answer it.
+struct Refused {
+    why: String,
+    status: Status,
+    /// The parameter at fault.
+    param: ParamType,
+    /// For a write whose cookie was spent on it: its original receipt.
+    receipt: Option<Bytes>,
+}
+
+impl Refused {
+    fn record(why: String) -> Self {
+        Refused {
+            why,
+            status: Status::BadVerifier,
+            param: ParamType::Data,
+            receipt: None,
+        }
+    }
 }
 
 /// Sends local requests to a running node. Cheap to clone.
@@ -444,6 +477,7 @@ pub fn start(node: Node, opts: DriverOptions) -> Peer {
         dialer,
         reads,
         view: opts.view,
+        keys: keys.clone(),
     };
     let task = tokio::spawn(task.run(shutdown_rx));
     Peer {
@@ -515,6 +549,8 @@ struct NodeTask {
     dialer: Option<JoinHandle<()>>,
     reads: OriginReads,
     view: Option<Arc<ReadView>>,
+    /// The volume's keys, for the cookie stats.
+    keys: Option<Arc<LinkKeys>>,
 }
 
 impl NodeTask {
@@ -670,9 +706,34 @@ impl NodeTask {
                         Source::Parent(gen) if self.parent_is(gen) => self.send_parent(reply),
                         Source::Parent(_) => {}
                     }
+                } else if let (Some(xid), true) = (e.xid, e.opcode.is_some_and(Opcode::is_reply)) {
+                    // A reply we cannot read: fail the request it answers,
+                    // rather than leave it waiting for an answer that came.
+                    let mut r = Message::err_reply(xid, e.status);
+                    r.params.err_param = e.err_param;
+                    match src {
+                        Source::Child(id) if self.children.contains_key(&id) => {
+                            self.node.handle_child(id, r, now);
+                        }
+                        Source::Parent(gen) if self.parent_is(gen) => {
+                            self.node.handle_parent(r, now);
+                        }
+                        _ => {}
+                    }
+                }
+                // On a volume with keys the parent may be a relay: garbled
+                // messages count against it like bad records.
+                if let (Source::Parent(gen), true) = (src, self.keys.is_some()) {
+                    if self.parent_is(gen) {
+                        self.parent_fault(gen, now);
+                    }
                 }
             }
-            Event::BadRecord(src, m, why) => self.bad_record(src, m, &why, now),
+            Event::BadRecord(src, m, r) => self.bad_record(src, m, r, now),
+            Event::FramingLost(src) => {
+                self.decode_errors += 1;
+                tracing::warn!(node = %self.name, peer = %self.peer_name(src), "framing lost");
+            }
             Event::Closed(Source::Child(id)) => {
                 if let Some(link) = self.children.remove(&id) {
                     tracing::info!(node = %self.name, child = id, "child disconnected");
@@ -706,15 +767,17 @@ impl NodeTask {
         }
     }
 
-    /// A message whose record failed its check: counted, never given to
-    /// the node as it came. A request is refused with BAD_VERIFIER; a reply
-    /// becomes an ERR_REPLY with BAD_VERIFIER for the request it answers,
-    /// so the requester fails (and may retry) instead of waiting; a PUSH is
-    /// dropped. A parent that sends `max_parent_faults` of them is counted
-    /// as failed: the link is dropped and the node runs its parent loss.
+    /// A message whose record, receipt or cookie failed its check:
+    /// counted, never given to the node as it came. A request is refused
+    /// with the refusal's status (BAD_VERIFIER for a record or receipt,
+    /// NO_PERMISSION or COOKIE_SPENT for a cookie); a reply becomes an
+    /// ERR_REPLY with it for the request it answers, so the requester fails
+    /// (and may retry) instead of waiting; a PUSH is dropped. A parent that
+    /// sends `max_parent_faults` bad records or receipts is counted as
+    /// failed: the link is dropped and the node runs its parent loss.
     /// (Re-attaching to another parent comes with failure recovery; this is
     /// where it will hook in.)
-    fn bad_record(&mut self, src: Source, m: Message, why: &str, now: u64) {
+    fn bad_record(&mut self, src: Source, m: Message, r: Refused, now: u64) {
         if let Source::Parent(gen) = src {
             if !self.parent_is(gen) {
                 return;
@@ -724,12 +787,20 @@ impl NodeTask {
                 return;
             }
         }
-        self.bad_records += 1;
-        tracing::warn!(node = %self.name, peer = %self.peer_name(src), msg = %m, reason = why, "chunk record refused");
+        // Cookie refusals are counted in the cookie stats; a bad record or
+        // receipt here.
+        let bad = r.status == Status::BadVerifier;
+        if bad {
+            self.bad_records += 1;
+            tracing::warn!(node = %self.name, peer = %self.peer_name(src), msg = %m, reason = %r.why, "chunk record refused");
+        } else {
+            tracing::warn!(node = %self.name, peer = %self.peer_name(src), msg = %m, reason = %r.why, status = %r.status, "write refused");
+        }
         let xid = m.header.xid;
         let refuse = || {
-            let mut e = Message::err_reply(xid, Status::BadVerifier);
-            e.params.err_param = Some(canopy_proto::ParamType::Data as u16);
+            let mut e = Message::err_reply(xid, r.status);
+            e.params.err_param = Some(r.param as u16);
+            e.params.receipt = r.receipt.clone();
             e
         };
         match (m.header.opcode, src) {
@@ -746,23 +817,31 @@ impl NodeTask {
             }
             _ => {}
         }
-        if let Source::Parent(gen) = src {
+        if let (Source::Parent(gen), true) = (src, bad) {
             self.bad_records_from_parent += 1;
-            self.parent_faults += 1;
-            if self.max_parent_faults > 0 && self.parent_faults >= self.max_parent_faults {
-                tracing::error!(
-                    node = %self.name,
-                    faults = self.parent_faults,
-                    "parent sent too many bad records; counting it as failed"
-                );
-                self.parents_failed += 1;
-                self.parent_faults = 0;
-                if let Some((_, link)) = self.parent.take() {
-                    drop(link.close());
-                    let _ = self.reset_tx.send(gen);
-                }
-                self.node.parent_down(now);
+            self.parent_fault(gen, now);
+        }
+    }
+
+    /// The parent (of link generation `gen`) sent a bad record, receipt or
+    /// message: after `max_parent_faults` it is counted as failed, the link
+    /// dropped and the node runs its parent loss. (Re-attaching to another
+    /// parent comes with failure recovery; this is where it will hook in.)
+    fn parent_fault(&mut self, gen: u64, now: u64) {
+        self.parent_faults += 1;
+        if self.max_parent_faults > 0 && self.parent_faults >= self.max_parent_faults {
+            tracing::error!(
+                node = %self.name,
+                faults = self.parent_faults,
+                "parent sent too many bad records or messages; counting it as failed"
+            );
+            self.parents_failed += 1;
+            self.parent_faults = 0;
+            if let Some((_, link)) = self.parent.take() {
+                drop(link.close());
+                let _ = self.reset_tx.send(gen);
             }
+            self.node.parent_down(now);
         }
     }
 
@@ -990,6 +1069,8 @@ impl NodeTask {
             bad_records_from_parent: self.bad_records_from_parent,
             parents_failed: self.parents_failed,
             cache: self.node.cache_stats(),
+            cookies: self.keys.as_ref().map(|k| k.cookie_stats()),
+            grant_overclaims: self.keys.as_ref().map_or(0, |k| k.grant_overclaims()),
         }
     }
 
@@ -1033,6 +1114,19 @@ impl NodeTask {
         if drained.is_err() {
             tracing::warn!(node = %self.name, "writers did not drain in time");
         }
+        // Spends are appended without an fsync each (`ledger.rs`): a clean
+        // stop makes them durable, for retries after the restart.
+        if let Some(k) = self.keys.clone() {
+            match tokio::task::spawn_blocking(move || k.sync_ledger()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(node = %self.name, error = %e, "cookie ledger not synced")
+                }
+                Err(e) => {
+                    tracing::warn!(node = %self.name, error = %e, "cookie ledger sync failed")
+                }
+            }
+        }
         tracing::info!(node = %self.name, "stopped");
     }
 }
@@ -1061,18 +1155,27 @@ async fn sleep_until_opt(t: Option<Instant>) {
 /// close signal for the matching reader.
 /// `down`: the link leads to a child (grants going down get their signed
 /// expiry).
-fn spawn_link(wr: OwnedWriteHalf, keys: Option<Arc<LinkKeys>>, down: bool) -> (Link, Arc<Notify>) {
+fn spawn_link(wr: OwnedWriteHalf, keys: Option<Arc<LinkKeys>>, down: bool) -> (Link, LinkEnd) {
     let (tx, rx) = mpsc::unbounded_channel();
     let close = Arc::new(Notify::new());
-    let writer = tokio::spawn(write_loop(wr, rx, keys, down));
-    (
-        Link {
-            tx,
-            close: close.clone(),
-            writer,
-        },
-        close,
-    )
+    let cookies = Arc::new(LinkCookies::default());
+    let writer = tokio::spawn(write_loop(wr, rx, keys, down, cookies.clone()));
+    let end = LinkEnd {
+        close: close.clone(),
+        cookies,
+        tx: tx.clone(),
+    };
+    (Link { tx, close, writer }, end)
+}
+
+/// What a link's reader shares with its writer.
+struct LinkEnd {
+    /// The close signal for the reader.
+    close: Arc<Notify>,
+    /// The link's writes in flight (cookies and receipts).
+    cookies: Arc<LinkCookies>,
+    /// The link's own answers (GET_COOKIES), past the node.
+    tx: mpsc::UnboundedSender<Message>,
 }
 
 async fn accept_loop(
@@ -1099,7 +1202,7 @@ async fn accept_loop(
         let id = next_id;
         next_id += 1;
         let (rd, wr) = stream.into_split();
-        let (link, close) = spawn_link(wr, keys.clone(), true);
+        let (link, end) = spawn_link(wr, keys.clone(), true);
         // ChildUp goes first on the same channel the reader will use, so the
         // node task knows the child before any of its messages.
         if events
@@ -1116,7 +1219,7 @@ async fn accept_loop(
                 events: events.clone(),
                 heartbeats: Some(heartbeats.clone()),
             },
-            close,
+            end,
             keys.clone(),
         ));
     }
@@ -1159,7 +1262,8 @@ async fn parent_loop(
         gen += 1;
         let up_since = Instant::now();
         let (rd, wr) = stream.into_split();
-        let (link, close) = spawn_link(wr, keys.clone(), false);
+        let (link, end) = spawn_link(wr, keys.clone(), false);
+        let close = end.close.clone();
         if events.send(Event::ParentUp { gen, link }).await.is_err() {
             return;
         }
@@ -1170,7 +1274,7 @@ async fn parent_loop(
                 events: events.clone(),
                 heartbeats: None,
             },
-            close.clone(),
+            end,
             keys.clone(),
         );
         tokio::pin!(reader);
@@ -1219,9 +1323,10 @@ async fn read_loop(
     mut rd: OwnedReadHalf,
     src: Source,
     inbox: Inbox,
-    close: Arc<Notify>,
+    end: LinkEnd,
     keys: Option<Arc<LinkKeys>>,
 ) {
+    let close = end.close.clone();
     let mut buf = BytesMut::with_capacity(64 * 1024);
     // The messages of one read, whose records are checked together (a
     // relay verifies their signatures as one batch).
@@ -1233,7 +1338,7 @@ async fn read_loop(
                 Ok(Some(frame)) => match decode(&frame) {
                     Ok(m) => batch.push(m),
                     Err(e) => {
-                        if !deliver(&inbox, src, &keys, &mut batch).await
+                        if !deliver(&inbox, src, &keys, &end, &mut batch).await
                             || inbox.events.send(Event::Bad(src, e)).await.is_err()
                         {
                             return;
@@ -1245,12 +1350,13 @@ async fn read_loop(
                     // The stream has lost its framing; nothing after this
                     // can be trusted.
                     tracing::warn!(?src, error = %e, "bad frame; closing the connection");
+                    let _ = inbox.events.send(Event::FramingLost(src)).await;
                     framing_lost = true;
                     break;
                 }
             }
         }
-        if !deliver(&inbox, src, &keys, &mut batch).await {
+        if !deliver(&inbox, src, &keys, &end, &mut batch).await {
             return;
         }
         if framing_lost {
@@ -1278,6 +1384,7 @@ async fn deliver(
     inbox: &Inbox,
     src: Source,
     keys: &Option<Arc<LinkKeys>>,
+    end: &LinkEnd,
     batch: &mut Vec<Message>,
 ) -> bool {
     if batch.is_empty() {
@@ -1288,16 +1395,17 @@ async fn deliver(
         None => Vec::new(),
     };
     for (i, mut m) in batch.drain(..).enumerate() {
-        // A grant from the parent must carry a valid signed expiry, which
-        // also bounds its TTL (`seal.rs`).
-        let grant = match (keys, src) {
-            (Some(k), Source::Parent(_)) => k.grant_up(&mut m),
-            _ => Ok(()),
-        };
-        let ev = match (checks.get(i), grant) {
-            (Some(Err(e)), _) => Event::BadRecord(src, m, e.to_string()),
-            (_, Err(e)) => Event::BadRecord(src, m, e.to_string()),
-            _ => Event::Msg(src, m),
+        let ev = match (keys, checks.get(i)) {
+            (_, Some(Err(e))) => Event::BadRecord(src, m, Refused::record(e.to_string())),
+            (Some(k), check) => {
+                let digest = check.and_then(|c| c.as_ref().ok().copied().flatten());
+                match link_checks(k, src, end, &mut m, digest) {
+                    Ok(true) => Event::Msg(src, m),
+                    Ok(false) => continue,
+                    Err(r) => Event::BadRecord(src, m, r),
+                }
+            }
+            (None, _) => Event::Msg(src, m),
         };
         let ev = match (&inbox.heartbeats, &ev) {
             (Some(hb), Event::Msg(_, m)) if m.header.opcode == Opcode::Heartbeat => {
@@ -1317,42 +1425,226 @@ async fn deliver(
     true
 }
 
+/// The checks of a volume with keys past the record's own: a grant's
+/// signed expiry (`seal.rs`), and write cookies and receipts
+/// (`cookie.rs`). `Ok(false)`: the link took the message itself.
+fn link_checks(
+    k: &LinkKeys,
+    src: Source,
+    end: &LinkEnd,
+    m: &mut Message,
+    digest: Option<[u8; 32]>,
+) -> Result<bool, Refused> {
+    match src {
+        Source::Parent(_) => {
+            // A grant from the parent must carry a valid signed expiry,
+            // which also bounds its TTL.
+            k.grant_up(m).map_err(|e| Refused::record(e.to_string()))?;
+            match k.reply_up(&end.cookies, m) {
+                Ok(Delivery::Deliver) => Ok(true),
+                Ok(Delivery::Consumed) => Ok(false),
+                Err(e) => Err(Refused {
+                    why: e.to_string(),
+                    status: Status::BadVerifier,
+                    param: ParamType::Receipt,
+                    receipt: None,
+                }),
+            }
+        }
+        Source::Child(_) => {
+            if m.header.opcode == Opcode::GetCookies {
+                let _ = end.tx.send(k.answer_get_cookies(m, wall_ms()));
+                return Ok(false);
+            }
+            if is_write(m) {
+                k.write_down(&end.cookies, m, digest, wall_ms())
+                    .map_err(|r| Refused {
+                        why: r.why.to_string(),
+                        status: r.status,
+                        param: ParamType::Cookie,
+                        receipt: r.receipt,
+                    })?;
+            }
+            Ok(true)
+        }
+    }
+}
+
+/// Milliseconds since the epoch (cookie expiries are wall-clock times).
+fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
 async fn write_loop(
-    mut wr: OwnedWriteHalf,
+    wr: OwnedWriteHalf,
     mut rx: mpsc::UnboundedReceiver<Message>,
     keys: Option<Arc<LinkKeys>>,
     down: bool,
+    link: Arc<LinkCookies>,
 ) {
-    let mut buf = BytesMut::with_capacity(64 * 1024);
-    // Seal (or, at a relay, unpack) the chunk data in a message, then frame
-    // it. A message that cannot be sealed is dropped, never sent in clear.
-    let put = |mut m: Message, buf: &mut BytesMut| {
-        if let Some(k) = &keys {
-            if down {
-                k.grant_down(&mut m);
+    let mut out = LinkOut {
+        wr,
+        buf: BytesMut::with_capacity(64 * 1024),
+        keys,
+        down,
+        link,
+        parked: VecDeque::new(),
+        parked_since: None,
+    };
+    if out.run(&mut rx).await.is_err() {
+        tracing::debug!("link writer stopped");
+    }
+    if let Some(k) = &out.keys {
+        k.link_closed(&out.link, wall_ms());
+    }
+    let _ = out.wr.shutdown().await;
+}
+
+/// A link's sending side: seals (or, at a relay, unpacks) each message's
+/// chunk data, adds cookies and receipts, frames, and writes in batches.
+struct LinkOut {
+    wr: OwnedWriteHalf,
+    buf: BytesMut,
+    keys: Option<Arc<LinkKeys>>,
+    /// The link leads to a child.
+    down: bool,
+    link: Arc<LinkCookies>,
+    /// Sealed messages held back, in order, behind a write that waits for
+    /// a cookie (parent link). HEARTBEATs pass them: they order nothing,
+    /// and a parent that stopped hearing them would count us as failed.
+    parked: VecDeque<(Message, Option<SealedRecord>)>,
+    /// When the oldest parked write started waiting, for the log.
+    parked_since: Option<Instant>,
+}
+
+/// The link is gone (write failed, ledger unusable, or the node dropped it).
+struct LinkGone;
+
+impl LinkOut {
+    async fn run(&mut self, rx: &mut mpsc::UnboundedReceiver<Message>) -> Result<(), LinkGone> {
+        let up = self.keys.as_ref().filter(|_| !self.down).cloned();
+        if let Some(k) = &up {
+            // A new parent link: cookies from an earlier one may be from a
+            // parent that has restarted since, which refuses them.
+            k.cookie_state().clear();
+        }
+        loop {
+            self.unpark();
+            self.ask_cookies();
+            if !self.buf.is_empty() {
+                self.flush().await?;
             }
-            if let Err(e) = k.outgoing(&mut m) {
+            let m = match &up {
+                // A parent link also wakes when cookies arrive (a parked
+                // write), when children took cookies from its pool (top it
+                // up), and to ask again for cookies that did not come.
+                Some(k) => tokio::select! {
+                    m = rx.recv() => m,
+                    () = k.cookie_state().wanted() => continue,
+                    () = k.cookie_state().wait_filled(ASK_AGAIN), if !self.parked.is_empty() => continue,
+                },
+                None => rx.recv().await,
+            };
+            let Some(m) = m else {
+                return Ok(());
+            };
+            self.put(m);
+            // Batch whatever else is already queued into one write, bounded
+            // so a long queue does not build one giant buffer.
+            while self.buf.len() < 1 << 20 {
+                match rx.try_recv() {
+                    Ok(m) => self.put(m),
+                    Err(_) => break,
+                }
+            }
+        }
+    }
+
+    /// Write out `buf`.
+    async fn flush(&mut self) -> Result<(), LinkGone> {
+        let r = self.wr.write_all(&self.buf).await;
+        self.buf.clear();
+        r.map_err(|e| {
+            tracing::debug!(error = %e, "write failed");
+            LinkGone
+        })
+    }
+
+    /// On a parent link with keys: a GET_COOKIES if the pool runs low.
+    fn ask_cookies(&mut self) {
+        let Some(k) = &self.keys else {
+            return;
+        };
+        if !self.down && k.should_ask(&self.link) {
+            write_frame(&k.get_cookies(&self.link), &mut self.buf);
+        }
+    }
+
+    /// Seal, cookie and frame one message. A message that cannot be
+    /// sealed is dropped, never sent in clear.
+    fn put(&mut self, mut m: Message) {
+        let Some(k) = self.keys.clone() else {
+            write_frame(&m, &mut self.buf);
+            return;
+        };
+        if self.down {
+            k.grant_down(&mut m);
+        }
+        let rec = match k.outgoing(&mut m) {
+            Ok(rec) => rec,
+            Err(e) => {
                 tracing::error!(msg = %m, error = %e, "cannot seal a message; dropped");
                 return;
             }
-        }
-        write_frame(&m, buf);
-    };
-    while let Some(m) = rx.recv().await {
-        buf.clear();
-        put(m, &mut buf);
-        // Batch whatever else is already queued into one write, bounded so
-        // a long queue does not build one giant buffer.
-        while buf.len() < 1 << 20 {
-            match rx.try_recv() {
-                Ok(m) => put(m, &mut buf),
-                Err(_) => break,
-            }
-        }
-        if let Err(e) = wr.write_all(&buf).await {
-            tracing::debug!(error = %e, "write failed");
-            return;
+        };
+        if self.down {
+            k.reply_down(&self.link, &mut m, wall_ms());
+            write_frame(&m, &mut self.buf);
+        } else if !self.parked.is_empty() && m.header.opcode != Opcode::Heartbeat {
+            self.parked.push_back((m, rec));
+        } else {
+            self.send_up(&k, m, rec);
         }
     }
-    let _ = wr.shutdown().await;
+
+    /// Frame a message for the parent, baking a cookie for a write; a
+    /// write with no cookie to bake is parked, and all after it.
+    fn send_up(&mut self, k: &LinkKeys, mut m: Message, rec: Option<SealedRecord>) {
+        if let (Some(r), true) = (&rec, is_write(&m)) {
+            if k.bake_up(&self.link, &mut m, r).is_err() {
+                self.parked_since.get_or_insert_with(Instant::now);
+                self.parked.push_front((m, rec));
+                return;
+            }
+        }
+        write_frame(&m, &mut self.buf);
+    }
+
+    /// Send what is parked, in order, as far as cookies go.
+    fn unpark(&mut self) {
+        let Some(k) = self.keys.clone() else {
+            return;
+        };
+        while let Some((m, rec)) = self.parked.pop_front() {
+            let left = self.parked.len();
+            self.send_up(&k, m, rec);
+            if self.parked.len() > left {
+                // Parked again: still no cookie.
+                if self.parked_since.is_some_and(|t| t.elapsed() >= WAIT_WARN) {
+                    tracing::warn!(
+                        parked = self.parked.len(),
+                        "no write cookies from the parent yet; writes wait"
+                    );
+                    self.parked_since = Some(Instant::now());
+                }
+                return;
+            }
+        }
+        self.parked_since = None;
+    }
 }
+
+/// How long writes wait for cookies before each warning.
+const WAIT_WARN: Duration = Duration::from_secs(5);

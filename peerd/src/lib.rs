@@ -5,8 +5,10 @@
 #![warn(missing_docs)]
 
 pub mod config;
+pub mod cookie;
 pub mod driver;
 pub mod errline;
+pub mod ledger;
 pub mod lines;
 pub mod seal;
 pub mod setup;

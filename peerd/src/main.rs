@@ -107,6 +107,13 @@ struct Keyed {
     /// peers without the same keys are refused.
     #[arg(long, value_name = "FILE")]
     keys: Option<PathBuf>,
+    /// With --keys: the file where this node records the write cookies it
+    /// has spent (created mode 0600), so that a write retried after a
+    /// restart still gets its original receipt. Replays are refused with or
+    /// without it [default for a root whose origin is a file:
+    /// ORIGIN.cookies; else kept in memory].
+    #[arg(long, value_name = "FILE", requires = "keys")]
+    ledger: Option<PathBuf>,
 }
 
 /// Settings of a node with a parent.
@@ -289,6 +296,7 @@ impl RoleCmd {
                 c.hb_ttl = a.hb_ttl;
                 c.grant_ttl = a.grant_ttl;
                 c.keys = a.keyed.keys;
+                c.ledger = a.keyed.ledger;
                 a.serving.apply(&mut c);
                 c
             }
@@ -296,6 +304,7 @@ impl RoleCmd {
                 let mut c = a.common.base(PeerRole::Proxy);
                 c.listen = Some(a.listen);
                 c.keys = a.keyed.keys;
+                c.ledger = a.keyed.ledger;
                 a.upward.apply(&mut c);
                 a.serving.apply(&mut c);
                 a.caching.apply(&mut c);
@@ -305,6 +314,7 @@ impl RoleCmd {
                 let mut c = a.common.base(PeerRole::Leaf);
                 c.listen = a.listen;
                 c.keys = a.keyed.keys;
+                c.ledger = a.keyed.ledger;
                 a.upward.apply(&mut c);
                 a.serving.apply(&mut c);
                 a.caching.apply(&mut c);

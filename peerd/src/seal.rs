@@ -36,6 +36,8 @@
 //! default).
 
 use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -46,22 +48,41 @@ use canopy_keys::{
 use canopy_proto::{Message, Perm};
 use parking_lot::Mutex;
 
+use crate::cookie::Cookies;
+use crate::ledger::{Issuer, LedgerError};
+
 /// How much longer than a chunk a relay's stored record is: the AEAD tag,
 /// the verifier (nonce ‖ signature) and the version.
 pub const RELAY_OVERHEAD: usize = SEAL_OVERHEAD + VERIFIER_LEN + 8;
 
 /// The keys a node's links work with, shared by all its links.
 pub struct LinkKeys {
-    kind: Kind,
+    pub(crate) kind: Kind,
     /// A relay's latest signed grant from its parent, per chunk, to pass on
     /// with its own grants of the chunk (empty on a trusted node). One
     /// entry per chunk at most, so bounded by the volume's size.
     grants: Mutex<HashMap<u64, Bytes>>,
+    /// Write cookies: the pool, a relay's writes in flight (`cookie.rs`).
+    pub(crate) cookies: Cookies,
+    /// Grants from the parent that claimed a TTL past their signed expiry.
+    overclaims: AtomicU64,
 }
 
-enum Kind {
-    /// A trusted node: seals and opens.
-    Trusted(Arc<TrustedKeys>),
+/// How far a grant's TTL may run past its signed expiry before it counts
+/// as an overclaim. An honest parent's TTL is what it had left when it
+/// sent the grant; what is left on arrival is less by the time in transit,
+/// the hosts' clock skew, and the time the message sat in our socket while
+/// our reader waited on a busy node, which under load runs to seconds (an
+/// honest relay in the VM scenario reached 1 s thousands of times). Past
+/// an HB_TTL (30 s by default) the link would have been dropped anyway.
+const OVERCLAIM_SLACK_MS: u64 = 30_000;
+
+pub(crate) enum Kind {
+    /// A trusted node: seals and opens, issues and spends cookies.
+    Trusted {
+        keys: Arc<TrustedKeys>,
+        issuer: Box<Issuer>,
+    },
     /// An untrusted relay: verifies, and passes records on sealed.
     Relay(Arc<Verifier>),
 }
@@ -81,6 +102,9 @@ pub enum SealFault {
     /// A grant without a valid signed expiry for what it grants.
     #[error("grant {0}")]
     Grant(&'static str),
+    /// A reply to a write whose receipt is not the burnt cookie of it.
+    #[error("write reply with a {0} receipt")]
+    Receipt(&'static str),
 }
 
 /// Milliseconds since the epoch: signed expiries are wall-clock times, as
@@ -101,12 +125,27 @@ fn grant_of(m: &Message) -> Option<(u64, Perm, u32)> {
 }
 
 impl LinkKeys {
-    /// A trusted node's keys.
+    /// A trusted node's keys, with a cookie ledger in memory.
     pub fn trusted(keys: Arc<TrustedKeys>) -> Self {
+        let issuer = Box::new(Issuer::in_memory(keys.clone()));
         LinkKeys {
-            kind: Kind::Trusted(keys),
+            kind: Kind::Trusted { keys, issuer },
             grants: Mutex::new(HashMap::new()),
+            cookies: Cookies::default(),
+            overclaims: AtomicU64::new(0),
         }
+    }
+
+    /// A trusted node's keys, with its cookie ledger in `ledger` (loaded,
+    /// or created).
+    pub fn trusted_with_ledger(keys: Arc<TrustedKeys>, ledger: &Path) -> Result<Self, LedgerError> {
+        let issuer = Box::new(Issuer::open(keys.clone(), ledger, wall_ms())?);
+        Ok(LinkKeys {
+            kind: Kind::Trusted { keys, issuer },
+            grants: Mutex::new(HashMap::new()),
+            cookies: Cookies::default(),
+            overclaims: AtomicU64::new(0),
+        })
     }
 
     /// A relay's verifying key.
@@ -114,12 +153,14 @@ impl LinkKeys {
         LinkKeys {
             kind: Kind::Relay(verifier),
             grants: Mutex::new(HashMap::new()),
+            cookies: Cookies::default(),
+            overclaims: AtomicU64::new(0),
         }
     }
 
-    fn verifier(&self) -> &Verifier {
+    pub(crate) fn verifier(&self) -> &Verifier {
         match &self.kind {
-            Kind::Trusted(k) => k.verifier(),
+            Kind::Trusted { keys: k, .. } => k.verifier(),
             Kind::Relay(v) => v,
         }
     }
@@ -141,7 +182,7 @@ impl LinkKeys {
             return;
         };
         m.params.grant = match &self.kind {
-            Kind::Trusted(k) => {
+            Kind::Trusted { keys: k, .. } => {
                 let version = m.params.version.unwrap_or(0);
                 let expires = wall_ms().saturating_add(u64::from(ttl));
                 let g = k.sign_grant(chunk, version, perm as u8, expires);
@@ -178,6 +219,11 @@ impl LinkKeys {
         if left == 0 {
             return Err(SealFault::Grant("past its signed expiry"));
         }
+        if u64::from(ttl) > left.saturating_add(OVERCLAIM_SLACK_MS) {
+            // A relay (or a parent's clock) claims more time than was
+            // signed: evidence of a relay that withholds invalidations.
+            self.overclaims.fetch_add(1, Ordering::Relaxed);
+        }
         m.params.ttl_ms = Some(ttl.min(u32::try_from(left).unwrap_or(u32::MAX)));
         if matches!(self.kind, Kind::Relay(_)) {
             self.grants.lock().insert(chunk, bytes);
@@ -185,46 +231,48 @@ impl LinkKeys {
         Ok(())
     }
 
-    /// Turn an outgoing message's `DATA` into record fields. A message the
-    /// node built without a chunk number cannot be sealed; it is refused
-    /// rather than sent in the clear.
-    pub fn outgoing(&self, m: &mut Message) -> Result<(), SealFault> {
+    /// Grants from the parent whose TTL ran past their signed expiry (each
+    /// lowered to it).
+    pub fn grant_overclaims(&self) -> u64 {
+        self.overclaims.load(Ordering::Relaxed)
+    }
+
+    /// Turn an outgoing message's `DATA` into record fields, returning the
+    /// record (a write going up bakes a cookie for it). A message the node
+    /// built without a chunk number cannot be sealed; it is refused rather
+    /// than sent in the clear.
+    pub fn outgoing(&self, m: &mut Message) -> Result<Option<SealedRecord>, SealFault> {
         let Some(data) = m.params.data.take() else {
-            return Ok(());
+            return Ok(None);
         };
         let chunk = m.params.block_num.ok_or(SealFault::Missing("BLOCK_NUM"))?;
-        match &self.kind {
-            Kind::Trusted(k) => {
-                let version = m.params.version.unwrap_or(0);
-                let rec = k.seal(chunk, version, &data);
-                m.params.verifier = Some(Bytes::copy_from_slice(&rec.verifier_bytes()));
-                m.params.version = Some(version);
-                m.params.data = Some(rec.ciphertext);
-            }
-            Kind::Relay(_) => {
-                let rec = unpack(chunk, data)?;
-                m.params.verifier = Some(Bytes::copy_from_slice(&rec.verifier_bytes()));
-                m.params.version = Some(rec.version);
-                m.params.data = Some(rec.ciphertext);
-            }
-        }
-        Ok(())
+        let rec = match &self.kind {
+            Kind::Trusted { keys: k, .. } => k.seal(chunk, m.params.version.unwrap_or(0), &data),
+            Kind::Relay(_) => unpack(chunk, data)?,
+        };
+        m.params.verifier = Some(Bytes::copy_from_slice(&rec.verifier_bytes()));
+        m.params.version = Some(rec.version);
+        m.params.data = Some(rec.ciphertext.clone());
+        Ok(Some(rec))
     }
 
     /// Check the records of messages that arrived together, and turn each
     /// into what the node works with: the chunk (trusted) or the opaque
-    /// record (relay). Returns each message's outcome, in order; a message
-    /// without data always passes.
-    pub fn incoming(&self, msgs: &mut [Message]) -> Vec<Result<(), SealFault>> {
-        let mut out: Vec<Result<(), SealFault>> = Vec::with_capacity(msgs.len());
+    /// record (relay). Returns each message's outcome, in order, with the
+    /// record's digest for a write that carries a cookie (what the cookie
+    /// must be bound to); a message without data always passes.
+    pub fn incoming(&self, msgs: &mut [Message]) -> Vec<Result<Option<[u8; 32]>, SealFault>> {
+        let mut out: Vec<Result<Option<[u8; 32]>, SealFault>> = Vec::with_capacity(msgs.len());
         let mut recs: Vec<(usize, SealedRecord)> = Vec::new();
+        let id = self.verifier().id();
         for (i, m) in msgs.iter().enumerate() {
             match record_of(m) {
                 Ok(Some(rec)) => {
+                    let digest = m.params.cookie.is_some().then(|| rec.digest(&id));
                     recs.push((i, rec));
-                    out.push(Ok(()));
+                    out.push(Ok(digest));
                 }
-                Ok(None) => out.push(Ok(())),
+                Ok(None) => out.push(Ok(None)),
                 Err(e) => out.push(Err(e)),
             }
         }
@@ -232,7 +280,7 @@ impl LinkKeys {
             return out;
         }
         match &self.kind {
-            Kind::Trusted(k) => {
+            Kind::Trusted { keys: k, .. } => {
                 for (i, rec) in recs {
                     match k.open(&rec) {
                         Ok(plain) => {

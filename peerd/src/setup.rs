@@ -22,6 +22,9 @@ pub enum SetupError {
     /// missing file, loose permissions, another volume's keys...).
     #[error(transparent)]
     Keys(#[from] canopy_keys::KeyError),
+    /// The cookie ledger cannot be opened.
+    #[error(transparent)]
+    Ledger(#[from] crate::ledger::LedgerError),
     /// The origin could not be opened, created or extended.
     #[error(transparent)]
     Origin(#[from] OriginError),
@@ -127,14 +130,32 @@ pub fn open_origin(
 /// volume. None for a volume without keys.
 pub fn load_keys(cfg: &PeerConfig) -> Result<Option<LinkKeys>, SetupError> {
     if let Some(path) = &cfg.keys {
-        let k = canopy_keys::TrustedKeys::load_for(path, &cfg.volume)?;
-        return Ok(Some(LinkKeys::trusted(Arc::new(k))));
+        let k = Arc::new(canopy_keys::TrustedKeys::load_for(path, &cfg.volume)?);
+        return Ok(Some(match ledger_path(cfg) {
+            Some(l) => LinkKeys::trusted_with_ledger(k, &l)?,
+            None => LinkKeys::trusted(k),
+        }));
     }
     if let Some(path) = &cfg.verify_key {
         let v = canopy_keys::Verifier::load_for(path, &cfg.volume)?;
         return Ok(Some(LinkKeys::relay(Arc::new(v))));
     }
     Ok(None)
+}
+
+/// Where a trusted node keeps its cookie ledger: `ledger`, or beside a
+/// root's origin file.
+fn ledger_path(cfg: &PeerConfig) -> Option<std::path::PathBuf> {
+    if let Some(l) = &cfg.ledger {
+        return Some(l.clone());
+    }
+    let origin = cfg.origin.as_ref()?;
+    if !std::fs::metadata(origin).is_ok_and(|m| m.is_file()) {
+        return None;
+    }
+    let mut name = origin.as_os_str().to_os_string();
+    name.push(".cookies");
+    Some(name.into())
 }
 
 /// Build the sans-IO node a configuration describes (opening the origin

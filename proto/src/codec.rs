@@ -103,6 +103,15 @@ fn for_each_param(p: &Params, mut f: impl FnMut(ParamType, Value<'_>)) {
     if let Some(v) = &p.grant {
         f(ParamType::Grant, Value::Raw(v));
     }
+    if let Some(v) = &p.cookie {
+        f(ParamType::Cookie, Value::Raw(v));
+    }
+    if let Some(v) = &p.receipt {
+        f(ParamType::Receipt, Value::Raw(v));
+    }
+    if let Some(v) = &p.cookies {
+        f(ParamType::Cookies, Value::Raw(v));
+    }
 }
 
 /// Appends the wire form of `msg` to `out` (no stream length prefix).
@@ -450,6 +459,9 @@ fn has(p: &Params, pt: ParamType) -> bool {
         ParamType::VolumeSize => p.volume_size.is_some(),
         ParamType::Version => p.version.is_some(),
         ParamType::Grant => p.grant.is_some(),
+        ParamType::Cookie => p.cookie.is_some(),
+        ParamType::Receipt => p.receipt.is_some(),
+        ParamType::Cookies => p.cookies.is_some(),
     }
 }
 
@@ -540,6 +552,18 @@ fn store_param(
         ParamType::Grant => {
             at_most(MAX_OPAQUE, "GRANT too long")?;
             p.grant = Some(value);
+        }
+        ParamType::Cookie => {
+            at_most(MAX_OPAQUE, "COOKIE too long")?;
+            p.cookie = Some(value);
+        }
+        ParamType::Receipt => {
+            at_most(MAX_OPAQUE, "RECEIPT too long")?;
+            p.receipt = Some(value);
+        }
+        ParamType::Cookies => {
+            at_most(MAX_OPAQUE, "COOKIES too long")?;
+            p.cookies = Some(value);
         }
         ParamType::Ttl => {
             p.ttl_ms = Some(v32()?);
@@ -883,7 +907,7 @@ mod tests {
             },
             Params::default()
         );
-        for ty in [19u16, 0x7fff] {
+        for ty in [22u16, 0x7fff] {
             hb_err(&[(ty, b"x")], Status::BadParamId, Some(ty), &[]);
         }
     }

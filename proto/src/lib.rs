@@ -46,7 +46,8 @@ pub const MAX_MESSAGE: usize = MAX_DATA + 64 * 1024;
 /// The longest `VOLUME_NAME`, in bytes.
 pub const MAX_VOLUME_NAME: usize = 255;
 
-/// The longest opaque parameter (`VERIFIER`, `KEY`, `ERR_VALUE`), in bytes:
+/// The longest opaque parameter (`VERIFIER`, `KEY`, `ERR_VALUE`, `COOKIES`),
+/// in bytes:
 /// ample for any checksum, signature or key, small enough that a peer cannot
 /// make a node hold megabytes outside `DATA`.
 pub const MAX_OPAQUE: usize = 4096;

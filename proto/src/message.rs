@@ -65,6 +65,12 @@ pub struct Params {
     pub version: Option<u64>,
     /// `GRANT`: the signed expiry of the permission a message grants.
     pub grant: Option<Bytes>,
+    /// `COOKIE`: the baked cookie authorising a write going up.
+    pub cookie: Option<Bytes>,
+    /// `RECEIPT`: the burnt cookie answering a write.
+    pub receipt: Option<Bytes>,
+    /// `COOKIES`: sealed raw cookies for the writer's pool.
+    pub cookies: Option<Bytes>,
 }
 
 impl Params {
@@ -175,6 +181,15 @@ impl fmt::Display for Message {
         }
         if let Some(v) = &p.grant {
             write!(f, " GRANT=<{} bytes>", v.len())?;
+        }
+        if let Some(v) = &p.cookie {
+            write!(f, " COOKIE=<{} bytes>", v.len())?;
+        }
+        if let Some(v) = &p.receipt {
+            write!(f, " RECEIPT=<{} bytes>", v.len())?;
+        }
+        if let Some(v) = &p.cookies {
+            write!(f, " COOKIES=<{} bytes>", v.len())?;
         }
         Ok(())
     }

@@ -147,6 +147,14 @@ pub enum ParamType {
     /// A grant's signed expiry on a volume with keys (chunk, version,
     /// permission, wall-clock expiry, signature); opaque here.
     Grant = 18,
+    /// A baked write cookie on a write going up (volume with keys); opaque
+    /// here.
+    Cookie = 19,
+    /// A burnt cookie: the receipt in the reply to a write; opaque here.
+    Receipt = 20,
+    /// Raw cookies sealed under the data key, one after another, for the
+    /// writer's pool; opaque here.
+    Cookies = 21,
 }
 
 impl ParamType {
@@ -172,6 +180,9 @@ impl ParamType {
             16 => Self::VolumeSize,
             17 => Self::Version,
             18 => Self::Grant,
+            19 => Self::Cookie,
+            20 => Self::Receipt,
+            21 => Self::Cookies,
             _ => return None,
         })
     }

@@ -103,7 +103,12 @@ fn params() -> impl Strategy<Value = Params> {
         proptest::option::of(any::<u64>()),
         proptest::option::of(blob(MAX_OPAQUE)),
     );
-    (a, b).prop_map(
+    let c = (
+        proptest::option::of(blob(MAX_OPAQUE)),
+        proptest::option::of(blob(MAX_OPAQUE)),
+        proptest::option::of(blob(MAX_OPAQUE)),
+    );
+    (a, b, c).prop_map(
         |(
             (
                 volume_name,
@@ -127,6 +132,7 @@ fn params() -> impl Strategy<Value = Params> {
                 version,
                 grant,
             ),
+            (cookie, receipt, cookies),
         )| Params {
             volume_name,
             volume_id,
@@ -146,6 +152,9 @@ fn params() -> impl Strategy<Value = Params> {
             volume_size,
             version,
             grant,
+            cookie,
+            receipt,
+            cookies,
         },
     )
 }

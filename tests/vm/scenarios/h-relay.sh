@@ -95,9 +95,14 @@ for id in "$ID1" "$ID2"; do
   bad=$(json_get "$CANOPY_OUT/h-leaf$id.json" 's["peer"]["bad_records"]')
   [[ $bad == 0 ]] || fail "leaf $id refused $bad records on an honest relay"
   [[ $(json_get "$CANOPY_OUT/h-leaf$id.json" 's["io_errors"]') == 0 ]] || fail "leaf $id had I/O errors"
+  # Every write went up with a cookie and came back with a valid receipt.
+  [[ $(json_get "$CANOPY_OUT/h-leaf$id.json" 's["peer"]["cookies"]["receipts_bad"]') == 0 ]] ||
+    fail "leaf $id refused a receipt on an honest relay"
 done
-if grep -q "record refused" "$CANOPY_OUT/relay.log" "$CANOPY_OUT/root.log"; then
-  fail "a record was refused on an honest tree"
+receipts=$(json_get "$CANOPY_OUT/h-leaf$ID1.json" 's["peer"]["cookies"]["receipts_ok"]')
+(( receipts > 0 )) || fail "the writing leaf holds no receipts"
+if grep -Eq "record refused|write refused" "$CANOPY_OUT/relay.log" "$CANOPY_OUT/root.log"; then
+  fail "a record or a write was refused on an honest tree"
 fi
 # An idle leaf under a relay busy with another's writes keeps its parent:
 # HEARTBEATs jump the relay's queue.
@@ -107,6 +112,7 @@ fi
 kill -USR1 "$RELAY_PID"
 for _ in $(seq 1 50); do grep -q bad_records "$CANOPY_OUT/relay.log" && break; sleep 0.1; done
 grep -q '"bad_records":0,' "$CANOPY_OUT/relay.log" || fail "the relay's stats (SIGUSR1) do not show 0 bad records"
+grep -q '"receipts_bad":0,' "$CANOPY_OUT/relay.log" || fail "the relay's stats do not show 0 bad receipts"
 
 log "everything stops cleanly"
 DEV=$DEV1 DEV_ID=$ID1 DAEMON_PID=$PID1 stop_volume

@@ -1,0 +1,698 @@
+//! Write cookies on the links of a volume with keys (issue 4; seed 001
+//! "Untrusted Intermediaries"; DESIGN.md "Cookies").
+//!
+//! Like sealing (`seal.rs`), cookies are the links' business: the node
+//! (`canopy-node`) never sees one. Every write that goes up a link (a PUT
+//! or FLUSH with data, or an INVALIDATE answer carrying data) carries a
+//! baked cookie in `COOKIE`, and the reply to a PUT or FLUSH carries its
+//! receipt in `RECEIPT`:
+//!
+//! - **A trusted node's parent link** takes a sealed raw cookie from the
+//!   node's pool, opens it and bakes it for the record it sends. On the
+//!   reply it checks the receipt: an OK without a valid one becomes a
+//!   BAD_VERIFIER refusal of the write, so the write fails (and is
+//!   counted) rather than being taken as done.
+//! - **A trusted node's child links** accept each write only with a valid
+//!   cookie that this node issued and has not spent (`ledger.rs`), and
+//!   answer a write with its receipt and a fresh cookie. A write whose
+//!   cookie is spent is never applied again: the same write (a retry, or a
+//!   replay) gets COOKIE_SPENT with its original receipt; another write
+//!   gets COOKIE_SPENT alone.
+//! - **A relay** cannot bake or burn. It checks each baked cookie's
+//!   binding to the record and its expiry, keeps it with the record, passes
+//!   it up with the record, and passes the receipt that comes back down.
+//!   The signatures are the trusted nodes' to check (the one that spends
+//!   the cookie, and the writer that baked it), which spares the relay two
+//!   ed25519 verifications a write.
+//!
+//! Pools fill from `COOKIES` in write replies and from GET_COOKIES, which
+//! the parent link sends itself (XIDs from `canopy_node::LINK_XIDS` up)
+//! whenever the pool runs low; a child link answers GET_COOKIES with fresh
+//! cookies (trusted) or from the pool (relay).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use canopy_keys::{BakedCookie, Receipt, SealedCookie, SealedRecord, SEALED_COOKIE_LEN};
+use canopy_node::LINK_XIDS;
+use canopy_proto::{Message, Opcode, ParamType, Status};
+use parking_lot::Mutex;
+use serde::{Deserialize, Serialize};
+use tokio::sync::Notify;
+
+use crate::seal::{Kind, LinkKeys, SealFault};
+
+/// Cookies asked for in one GET_COOKIES (64 × 64 bytes is `MAX_OPAQUE`).
+pub const GET_COOKIES_BATCH: usize = 64;
+/// Ask for more once the pool holds fewer than this: about what a busy
+/// writer has in flight (a ublk device's queue depth), so that writes do
+/// not wait on a round trip for cookies.
+pub const POOL_LOW: usize = 64;
+/// Cookies handed out with every write reply (seed 001: "a new raw cookie
+/// in the response" to every write). Two, not one, so that pools grow back
+/// to a reserve from replies alone, also below a relay, whose own pool is
+/// what it hands on, and writes that get no reply (INVALIDATE answers)
+/// do not drain them.
+pub const PER_REPLY: usize = 2;
+/// The most cookies a pool keeps; more are dropped.
+const POOL_MAX: usize = 1024;
+/// The most writes a relay tracks between their cookie and their receipt.
+const RELAY_WRITES_MAX: usize = 4096;
+/// How long a parent link waits for a GET_COOKIES answer before asking
+/// again.
+pub const ASK_AGAIN: Duration = Duration::from_secs(1);
+
+/// A node's cookie counters, for `stats` (in the stats JSON as `cookies`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct CookieStats {
+    /// Sealed cookies handed to children (issued, or passed on by a relay).
+    pub handed_out: u64,
+    /// Cookies received from the parent.
+    pub received: u64,
+    /// Writes sent up with a baked cookie.
+    pub baked: u64,
+    /// Writes this node accepted with a cookie it then spent (issuer).
+    pub spent: u64,
+    /// Writes refused because their cookie was spent: retries answered
+    /// from the reply cache, replays, conflicting uses.
+    pub replays_refused: u64,
+    /// Writes refused for a missing, forged, mis-bound, expired or unknown
+    /// cookie.
+    pub cookies_refused: u64,
+    /// Receipts checked and found valid.
+    pub receipts_ok: u64,
+    /// Write replies from the parent with a missing or forged receipt.
+    pub receipts_bad: u64,
+    /// Cookies from the parent that did not open (trusted) or had the
+    /// wrong length.
+    pub cookies_bad: u64,
+    /// Waits (of up to `ASK_AGAIN` each) of parked writes for cookies.
+    pub pool_waits: u64,
+    /// Cookies in the pool now.
+    pub pool: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    handed_out: AtomicU64,
+    received: AtomicU64,
+    baked: AtomicU64,
+    spent: AtomicU64,
+    replays_refused: AtomicU64,
+    cookies_refused: AtomicU64,
+    receipts_ok: AtomicU64,
+    receipts_bad: AtomicU64,
+    cookies_bad: AtomicU64,
+    pool_waits: AtomicU64,
+}
+
+fn bump(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Ordering::Relaxed);
+}
+
+/// The node-wide cookie state (part of [`LinkKeys`]).
+#[derive(Default)]
+pub struct Cookies {
+    pool: Mutex<VecDeque<SealedCookie>>,
+    /// Signalled when cookies arrive (a write waiting for one).
+    filled: Notify,
+    /// Signalled when a child took cookies (the parent link tops up).
+    want: Notify,
+    /// A relay's writes in flight: the baked cookie that came with each
+    /// record (by record digest), then the receipt that came back.
+    relay_baked: Mutex<Bounded<BakedCookie>>,
+    relay_receipts: Mutex<Bounded<Bytes>>,
+    counters: Counters,
+}
+
+/// A map by record digest that forgets its oldest entries past
+/// [`RELAY_WRITES_MAX`]: a relay's writes whose replies never came (their
+/// writers have long failed them) must not pile up.
+struct Bounded<V> {
+    map: HashMap<[u8; 32], V>,
+    order: VecDeque<[u8; 32]>,
+}
+
+impl<V> Default for Bounded<V> {
+    fn default() -> Self {
+        Bounded {
+            map: HashMap::new(),
+            order: VecDeque::new(),
+        }
+    }
+}
+
+impl<V> Bounded<V> {
+    fn insert(&mut self, k: [u8; 32], v: V) {
+        if self.map.insert(k, v).is_none() {
+            self.order.push_back(k);
+        }
+        while self.map.len() > RELAY_WRITES_MAX {
+            match self.order.pop_front() {
+                Some(old) => {
+                    self.map.remove(&old);
+                }
+                None => break,
+            }
+        }
+        // Removed entries leave stale keys in `order`; drop them when they
+        // outnumber the live ones.
+        if self.order.len() > 2 * RELAY_WRITES_MAX {
+            let map = &self.map;
+            self.order.retain(|k| map.contains_key(k));
+        }
+    }
+
+    fn get(&self, k: &[u8; 32]) -> Option<&V> {
+        self.map.get(k)
+    }
+
+    fn remove(&mut self, k: &[u8; 32]) -> Option<V> {
+        self.map.remove(k)
+    }
+}
+
+/// What a link remembers of the writes in flight on it, by XID.
+enum Inflight {
+    /// The baked cookie of a write (our own going up, or a child's we
+    /// accepted).
+    Baked(BakedCookie),
+    /// A relay: the record digest of a write it passes on.
+    Digest([u8; 32]),
+}
+
+/// One connection's cookie state, shared by its reader and writer.
+pub struct LinkCookies {
+    inflight: Mutex<HashMap<u32, Inflight>>,
+    next_xid: AtomicU32,
+    asked: Mutex<Option<Instant>>,
+}
+
+impl Default for LinkCookies {
+    fn default() -> Self {
+        LinkCookies {
+            inflight: Mutex::new(HashMap::new()),
+            next_xid: AtomicU32::new(LINK_XIDS),
+            asked: Mutex::new(None),
+        }
+    }
+}
+
+/// Why a child's write is refused (answered in the driver).
+#[derive(Debug)]
+pub struct Refusal {
+    /// The status of the refusal.
+    pub status: Status,
+    /// Why, for the log.
+    pub why: &'static str,
+    /// The original receipt, for a write whose cookie was spent on it.
+    pub receipt: Option<Bytes>,
+}
+
+impl Refusal {
+    fn cookie(why: &'static str) -> Self {
+        Refusal {
+            status: Status::NoPermission,
+            why,
+            receipt: None,
+        }
+    }
+}
+
+/// What to do with a reply that came up the parent link.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Delivery {
+    /// Give it to the node.
+    Deliver,
+    /// The link's own (a GET_COOKIES answer): consumed here.
+    Consumed,
+}
+
+/// Whether `m` is a write going up: chunk data in a request, or in an
+/// INVALIDATE answer.
+pub fn is_write(m: &Message) -> bool {
+    m.params.data.is_some() && matches!(m.header.opcode, Opcode::IoRequest | Opcode::OkReply)
+}
+
+fn is_reply(m: &Message) -> bool {
+    matches!(m.header.opcode, Opcode::OkReply | Opcode::ErrReply)
+}
+
+impl Cookies {
+    fn take_raw(&self) -> Option<SealedCookie> {
+        self.pool.lock().pop_front()
+    }
+
+    fn take_bytes(&self, n: usize) -> Bytes {
+        let mut pool = self.pool.lock();
+        let k = n.min(pool.len());
+        let mut out = BytesMut::with_capacity(k * SEALED_COOKIE_LEN);
+        for c in pool.drain(..k) {
+            out.extend_from_slice(c.as_bytes());
+        }
+        out.freeze()
+    }
+
+    fn add(&self, bytes: &[u8]) {
+        let mut n = 0;
+        {
+            let mut pool = self.pool.lock();
+            for c in bytes.chunks(SEALED_COOKIE_LEN) {
+                match SealedCookie::from_bytes(c) {
+                    Ok(c) if pool.len() < POOL_MAX => {
+                        pool.push_back(c);
+                        n += 1;
+                    }
+                    Ok(_) => {}
+                    Err(_) => bump(&self.counters.cookies_bad, 1),
+                }
+            }
+        }
+        bump(&self.counters.received, n);
+        if n > 0 {
+            self.filled.notify_waiters();
+        }
+    }
+
+    /// The counters now.
+    pub fn stats(&self) -> CookieStats {
+        let c = &self.counters;
+        let g = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        CookieStats {
+            handed_out: g(&c.handed_out),
+            received: g(&c.received),
+            baked: g(&c.baked),
+            spent: g(&c.spent),
+            replays_refused: g(&c.replays_refused),
+            cookies_refused: g(&c.cookies_refused),
+            receipts_ok: g(&c.receipts_ok),
+            receipts_bad: g(&c.receipts_bad),
+            cookies_bad: g(&c.cookies_bad),
+            pool_waits: g(&c.pool_waits),
+            pool: self.pool.lock().len() as u64,
+        }
+    }
+
+    /// Drop every pooled cookie (a new parent link).
+    pub fn clear(&self) {
+        self.pool.lock().clear();
+    }
+
+    /// Wait until cookies arrive or `timeout` passes.
+    pub async fn wait_filled(&self, timeout: Duration) {
+        bump(&self.counters.pool_waits, 1);
+        let _ = tokio::time::timeout(timeout, self.filled.notified()).await;
+    }
+
+    /// Wait until a child takes cookies from the pool.
+    pub async fn wanted(&self) {
+        self.want.notified().await;
+    }
+}
+
+impl LinkKeys {
+    /// Whether the parent link should ask for cookies now: the pool is low
+    /// and no GET_COOKIES is in flight (or it went unanswered).
+    pub fn should_ask(&self, link: &LinkCookies) -> bool {
+        if self.cookies.pool.lock().len() >= POOL_LOW {
+            return false;
+        }
+        let mut asked = link.asked.lock();
+        if asked.is_some_and(|t| t.elapsed() < ASK_AGAIN) {
+            return false;
+        }
+        *asked = Some(Instant::now());
+        true
+    }
+
+    /// A GET_COOKIES for the parent, on one of the link's own XIDs.
+    pub fn get_cookies(&self, link: &LinkCookies) -> Message {
+        let mut xid = link.next_xid.fetch_add(1, Ordering::Relaxed);
+        if xid < LINK_XIDS {
+            // Wrapped: start the link's range again.
+            link.next_xid.store(LINK_XIDS + 1, Ordering::Relaxed);
+            xid = LINK_XIDS;
+        }
+        Message::new(Opcode::GetCookies, xid)
+    }
+
+    /// A child's GET_COOKIES: fresh cookies from a trusted node, or what a
+    /// relay's pool holds (which it then tops up).
+    pub fn answer_get_cookies(&self, m: &Message, now_ms: u64) -> Message {
+        let cookies = match &self.kind {
+            Kind::Trusted { issuer, .. } => issuer.issue(GET_COOKIES_BATCH, now_ms),
+            Kind::Relay(_) => {
+                let b = self.cookies.take_bytes(GET_COOKIES_BATCH);
+                self.cookies.want.notify_one();
+                b
+            }
+        };
+        bump(
+            &self.cookies.counters.handed_out,
+            (cookies.len() / SEALED_COOKIE_LEN) as u64,
+        );
+        let mut r = Message::new(Opcode::OkReply, m.header.xid);
+        r.params.cookies = Some(cookies);
+        r
+    }
+
+    /// On the parent link, a write going up as `rec`: attach its baked
+    /// cookie. `Err` when a trusted node's pool is empty: the caller parks
+    /// the write (and what follows it), asks for cookies, and calls again
+    /// when they come.
+    pub fn bake_up(
+        &self,
+        link: &LinkCookies,
+        m: &mut Message,
+        rec: &SealedRecord,
+    ) -> Result<(), NoCookie> {
+        let c = &self.cookies;
+        let track = m.header.opcode == Opcode::IoRequest;
+        match &self.kind {
+            Kind::Trusted { keys, .. } => {
+                let baked = loop {
+                    let sealed = c.take_raw().ok_or(NoCookie)?;
+                    match keys.open_cookie(&sealed) {
+                        Ok(raw) => break keys.bake(&raw, rec),
+                        // Garbled on the way down: count it, try the next.
+                        Err(_) => bump(&c.counters.cookies_bad, 1),
+                    }
+                };
+                m.params.cookie = Some(Bytes::copy_from_slice(&baked.encode()));
+                if track {
+                    link.inflight
+                        .lock()
+                        .insert(m.header.xid, Inflight::Baked(baked));
+                }
+            }
+            Kind::Relay(v) => {
+                let digest = rec.digest(&v.id());
+                // A write that came without a cookie goes up without one,
+                // and the trusted node above refuses it. One with no reply
+                // to wait for (an INVALIDATE answer) is done with it.
+                let mut baked = c.relay_baked.lock();
+                let b = if track {
+                    baked.get(&digest).cloned()
+                } else {
+                    baked.remove(&digest)
+                };
+                drop(baked);
+                if let Some(b) = b {
+                    m.params.cookie = Some(Bytes::copy_from_slice(&b.encode()));
+                }
+                if track {
+                    link.inflight
+                        .lock()
+                        .insert(m.header.xid, Inflight::Digest(digest));
+                }
+            }
+        }
+        bump(&c.counters.baked, 1);
+        Ok(())
+    }
+
+    /// On the parent link, a message from the parent: pool its cookies,
+    /// consume a GET_COOKIES answer, and check the receipt of a write's
+    /// reply (`Err`: missing or forged, to be refused).
+    pub fn reply_up(&self, link: &LinkCookies, m: &mut Message) -> Result<Delivery, SealFault> {
+        let c = &self.cookies;
+        if let Some(b) = m.params.cookies.take() {
+            c.add(&b);
+        }
+        if !is_reply(m) {
+            return Ok(Delivery::Deliver);
+        }
+        if m.header.xid >= LINK_XIDS {
+            *link.asked.lock() = None;
+            return Ok(Delivery::Consumed);
+        }
+        let Some(w) = link.inflight.lock().remove(&m.header.xid) else {
+            return Ok(Delivery::Deliver);
+        };
+        if m.header.opcode == Opcode::ErrReply {
+            if m.params.status == Some(Status::NoPermission)
+                && m.params.err_param == Some(ParamType::Cookie as u16)
+            {
+                // Our cookies are not the parent's (it restarted since it
+                // issued them, say): drop them and fetch fresh ones.
+                c.pool.lock().clear();
+            }
+            if let Inflight::Digest(d) = w {
+                c.relay_baked.lock().remove(&d);
+            }
+            return Ok(Delivery::Deliver);
+        }
+        let baked = match &w {
+            Inflight::Baked(b) => b.clone(),
+            Inflight::Digest(d) => {
+                // A relay passes the receipt down as it came: the writer,
+                // who baked the cookie, checks it.
+                c.relay_baked.lock().remove(d);
+                if let Some(r) = m.params.receipt.clone() {
+                    c.relay_receipts.lock().insert(*d, r);
+                }
+                return Ok(Delivery::Deliver);
+            }
+        };
+        let check = m
+            .params
+            .receipt
+            .as_ref()
+            .ok_or(SealFault::Receipt("missing"))
+            .and_then(|r| Receipt::decode(r).map_err(|_| SealFault::Receipt("malformed")))
+            .and_then(|r| {
+                self.verifier()
+                    .verify_receipt(&baked, &r)
+                    .map_err(|_| SealFault::Receipt("forged"))
+            });
+        match check {
+            Ok(()) => {
+                bump(&c.counters.receipts_ok, 1);
+                Ok(Delivery::Deliver)
+            }
+            Err(e) => {
+                bump(&c.counters.receipts_bad, 1);
+                Err(e)
+            }
+        }
+    }
+
+    /// On a child link, a write from the child whose record checked
+    /// (`digest` is its record's, from [`LinkKeys::incoming`]): check its
+    /// cookie, and at a trusted node admit it to the ledger.
+    pub fn write_down(
+        &self,
+        link: &LinkCookies,
+        m: &mut Message,
+        digest: Option<[u8; 32]>,
+        now_ms: u64,
+    ) -> Result<(), Refusal> {
+        let c = &self.cookies;
+        let out = self.check_write(link, m, digest, now_ms);
+        if let Err(r) = &out {
+            let counter = if r.status == Status::CookieSpent {
+                &c.counters.replays_refused
+            } else {
+                &c.counters.cookies_refused
+            };
+            bump(counter, 1);
+        }
+        out
+    }
+
+    fn check_write(
+        &self,
+        link: &LinkCookies,
+        m: &mut Message,
+        digest: Option<[u8; 32]>,
+        now_ms: u64,
+    ) -> Result<(), Refusal> {
+        let bytes = m
+            .params
+            .cookie
+            .take()
+            .ok_or(Refusal::cookie("a write without a cookie"))?;
+        let baked =
+            BakedCookie::decode(&bytes).map_err(|_| Refusal::cookie("a malformed cookie"))?;
+        // The trusted node that spends it checks the writer's signature; a
+        // relay checks the cookie's binding only, and leaves the signature
+        // (an ed25519 verification a write) to it.
+        if matches!(self.kind, Kind::Trusted { .. }) {
+            self.verifier()
+                .verify_baked(&baked)
+                .map_err(|_| Refusal::cookie("a forged cookie"))?;
+        }
+        let bound = Some(baked.chunk) == m.params.block_num
+            && Some(baked.version) == m.params.version
+            && Some(baked.digest) == digest;
+        if !bound {
+            return Err(Refusal::cookie("a cookie baked for another write"));
+        }
+        let track = m.header.opcode == Opcode::IoRequest;
+        match &self.kind {
+            Kind::Trusted { issuer, .. } => match issuer.admit(&baked, now_ms) {
+                crate::ledger::Admit::Accept => {
+                    if track {
+                        link.inflight
+                            .lock()
+                            .insert(m.header.xid, Inflight::Baked(baked));
+                    } else {
+                        // An INVALIDATE answer has no reply to carry a
+                        // receipt: it is spent now.
+                        issuer.complete(&baked, true, now_ms);
+                        bump(&self.cookies.counters.spent, 1);
+                    }
+                    Ok(())
+                }
+                crate::ledger::Admit::Retry(r) => Err(Refusal {
+                    status: Status::CookieSpent,
+                    why: "a write whose cookie is spent (retry or replay): not applied again",
+                    receipt: Some(Bytes::copy_from_slice(&r.encode())),
+                }),
+                crate::ledger::Admit::Spent => Err(Refusal {
+                    status: Status::CookieSpent,
+                    why: "a cookie spent on another write",
+                    receipt: None,
+                }),
+                crate::ledger::Admit::Unknown => {
+                    Err(Refusal::cookie("a cookie not issued here, or expired"))
+                }
+            },
+            Kind::Relay(_) => {
+                if baked.expires_ms <= now_ms {
+                    return Err(Refusal::cookie("an expired cookie"));
+                }
+                let Some(d) = digest else {
+                    return Err(Refusal::cookie("a cookie baked for another write"));
+                };
+                self.cookies.relay_baked.lock().insert(d, baked);
+                if track {
+                    link.inflight
+                        .lock()
+                        .insert(m.header.xid, Inflight::Digest(d));
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// On a child link, a message to the child: a reply to a write gets
+    /// its receipt (a trusted node spends the cookie now, if the write
+    /// succeeded) and fresh cookies.
+    pub fn reply_down(&self, link: &LinkCookies, m: &mut Message, now_ms: u64) {
+        if !is_reply(m) {
+            return;
+        }
+        let Some(w) = link.inflight.lock().remove(&m.header.xid) else {
+            return;
+        };
+        let ok = m.header.opcode == Opcode::OkReply;
+        let c = &self.cookies;
+        let fresh = match (&self.kind, w) {
+            (Kind::Trusted { issuer, .. }, Inflight::Baked(b)) => {
+                if let Some(r) = issuer.complete(&b, ok, now_ms) {
+                    m.params.receipt = Some(Bytes::copy_from_slice(&r.encode()));
+                    bump(&c.counters.spent, 1);
+                }
+                issuer.issue(PER_REPLY, now_ms)
+            }
+            (Kind::Relay(_), Inflight::Digest(d)) => {
+                m.params.receipt = c.relay_receipts.lock().remove(&d);
+                c.relay_baked.lock().remove(&d);
+                c.want.notify_one();
+                c.take_bytes(PER_REPLY)
+            }
+            _ => Bytes::new(),
+        };
+        if !fresh.is_empty() {
+            bump(
+                &c.counters.handed_out,
+                (fresh.len() / SEALED_COOKIE_LEN) as u64,
+            );
+            m.params.cookies = Some(fresh);
+        }
+    }
+
+    /// A link closed: the cookies of writes accepted on it and never
+    /// answered are voided (the node may still apply the write; a relay
+    /// that kept it must not get it applied again).
+    pub fn link_closed(&self, link: &LinkCookies, now_ms: u64) {
+        let inflight: Vec<Inflight> = link.inflight.lock().drain().map(|(_, w)| w).collect();
+        match &self.kind {
+            Kind::Trusted { issuer, .. } => {
+                let baked = inflight.into_iter().filter_map(|w| match w {
+                    Inflight::Baked(b) => Some(b),
+                    Inflight::Digest(_) => None,
+                });
+                issuer.void(baked, now_ms);
+            }
+            Kind::Relay(_) => {
+                for w in inflight {
+                    if let Inflight::Digest(d) = w {
+                        self.cookies.relay_baked.lock().remove(&d);
+                        self.cookies.relay_receipts.lock().remove(&d);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Make the spends recorded so far durable (at a clean stop); a no-op
+    /// on a relay or without a ledger file.
+    pub fn sync_ledger(&self) -> Result<(), crate::ledger::LedgerError> {
+        match &self.kind {
+            Kind::Trusted { issuer, .. } => issuer.sync(),
+            Kind::Relay(_) => Ok(()),
+        }
+    }
+
+    /// The cookie counters.
+    pub fn cookie_stats(&self) -> CookieStats {
+        self.cookies.stats()
+    }
+
+    /// The node-wide cookie state (pool waits).
+    pub fn cookie_state(&self) -> &Cookies {
+        &self.cookies
+    }
+}
+
+/// A trusted node has no cookie to bake for a write yet.
+#[derive(Debug)]
+pub struct NoCookie;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bounded_map_forgets_its_oldest() {
+        let mut b: Bounded<u32> = Bounded::default();
+        for i in 0..(RELAY_WRITES_MAX as u32 + 10) {
+            let mut k = [0u8; 32];
+            k[..4].copy_from_slice(&i.to_le_bytes());
+            b.insert(k, i);
+            if i % 2 == 0 {
+                b.remove(&k);
+            }
+        }
+        assert!(b.map.len() <= RELAY_WRITES_MAX);
+        assert!(b.order.len() <= 2 * RELAY_WRITES_MAX + 1);
+        let mut last = [0u8; 32];
+        last[..4].copy_from_slice(&(RELAY_WRITES_MAX as u32 + 9).to_le_bytes());
+        assert_eq!(b.get(&last), Some(&(RELAY_WRITES_MAX as u32 + 9)));
+    }
+
+    #[test]
+    fn pools_take_whole_cookies_only() {
+        let c = Cookies::default();
+        c.add(&[7u8; SEALED_COOKIE_LEN * 3 + 5]);
+        let s = c.stats();
+        assert_eq!((s.pool, s.received, s.cookies_bad), (3, 3, 1));
+        assert_eq!(c.take_bytes(2).len(), 2 * SEALED_COOKIE_LEN);
+        assert!(c.take_raw().is_some());
+        assert!(c.take_raw().is_none());
+    }
+}
