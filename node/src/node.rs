@@ -111,6 +111,9 @@ pub struct NodeStats {
     /// (see `version.rs`): after failed writes, or a replay.
     #[serde(default)]
     pub stale_versions: u64,
+    /// Children dropped for missing their HEARTBEATs (3 × HB_TTL silent).
+    #[serde(default)]
+    pub children_silent: u64,
 }
 
 /// What an XID we sent stands for.

@@ -77,6 +77,7 @@ impl Node {
         silent.sort_unstable();
         for child in silent {
             tracing::warn!(child, "child silent past its heartbeat; closing it");
+            self.stats.children_silent += 1;
             self.actions.push_back(Action::CloseChild(child));
             self.child_gone(child, now);
         }

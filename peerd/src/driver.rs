@@ -619,6 +619,17 @@ impl NodeTask {
                         self.spawn_origin_read(next);
                     }
                 }
+                // Timers before requests: under a steady stream of events
+                // (mkfs discarding a device through a slow VM) `events` is
+                // never empty, and a biased select that polled it first
+                // would never send our HEARTBEATs, so the parent would count
+                // us as failed after 3 × HB_TTL (scenario h under load).
+                // `timer_floor` keeps this to once a millisecond at most.
+                () = sleep_until_opt(wake) => {
+                    let now = self.now();
+                    self.node.handle_timeout(now);
+                    self.timer_floor = now.saturating_add(1);
+                }
                 // A child's HEARTBEAT jumps the queue: an idle child under
                 // a parent busy with another child's writes would otherwise
                 // wait behind up to EVENT_QUEUE of them for its answer, and
@@ -632,11 +643,6 @@ impl NodeTask {
                     // Peer is dropped, and that closes `shutdown` too.
                     let Some(ev) = ev else { break };
                     self.on_event(ev);
-                }
-                () = sleep_until_opt(wake) => {
-                    let now = self.now();
-                    self.node.handle_timeout(now);
-                    self.timer_floor = now.saturating_add(1);
                 }
             }
             self.drain();

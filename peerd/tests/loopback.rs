@@ -441,6 +441,58 @@ async fn many_concurrent_cold_reads_through_the_root() {
     root.shutdown().await;
 }
 
+/// A node whose request queue never empties still sends its HEARTBEATs:
+/// its timers are not starved by the requests (a biased select once polled
+/// them last, and a leaf flooded by mkfs's discards went silent until its
+/// parent dropped it). Thousands of cached reads keep the leaf's queue full
+/// for several of the root's 3 × HB_TTL grace periods; the root drops no
+/// child for silence.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooded_node_keeps_heartbeating() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = root_cfg(dir.path(), None);
+    cfg.hb_ttl = Some(canopy_peerd::config::Millis(200));
+    let root = start(cfg).await;
+    let leaf = start(leaf_cfg("D", &root, "vol", None)).await;
+    let h = leaf.handle();
+    within("first read", h.read(0)).await.expect("read");
+    // Reads of a cached chunk never leave the leaf: the root hears only
+    // its HEARTBEATs while this runs.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut readers = tokio::task::JoinSet::new();
+    for _ in 0..2048 {
+        let h = h.clone();
+        let stop = stop.clone();
+        readers.spawn(async move {
+            let mut n = 0u64;
+            while n < 10_000 && !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                h.read(0).await?;
+                n += 1;
+            }
+            Ok::<u64, RequestError>(n)
+        });
+    }
+    // Five grace periods (3 × 200 ms each) of flood: the wait is for the
+    // protocol's timers, and nothing asserts on time taken.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut reads = 0;
+    while let Some(n) = within("readers", readers.join_next()).await {
+        // A failed read means the leaf lost its parent.
+        reads += n.expect("reader task").expect("a cached read");
+    }
+    let s = within("root stats", root.handle().stats())
+        .await
+        .expect("stats");
+    assert_eq!(
+        s.node.children_silent, 0,
+        "the root dropped the flooded leaf ({reads} reads)"
+    );
+    assert_eq!(s.children, 1);
+    leaf.shutdown().await;
+    root.shutdown().await;
+}
+
 /// The stacked cache as the nodes' store: a proxy with a tiny memory tier
 /// over a disk tier, and an async leaf whose cache holds four chunks, so its
 /// victim cleaner FLUSHes dirty chunks up (giving WRITE back) to make room.
