@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use canopy_keys::{BakedCookie, Receipt, SealedCookie, SealedRecord, SEALED_COOKIE_LEN};
 use canopy_node::LINK_XIDS;
-use canopy_proto::{Message, Opcode, ParamType, Status};
+use canopy_proto::{Message, Opcode, ParamType, Perm, Status};
 use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 use tokio::sync::Notify;
@@ -341,20 +341,14 @@ impl LinkKeys {
     /// A child's GET_COOKIES: fresh cookies from a trusted node, or what a
     /// relay's pool holds (which it then tops up).
     pub fn answer_get_cookies(&self, m: &Message, now_ms: u64) -> Message {
-        let cookies = match &self.kind {
-            Kind::Trusted { issuer, .. } => issuer.issue(GET_COOKIES_BATCH, now_ms),
-            Kind::Relay(_) => {
-                let b = self.cookies.take_bytes(GET_COOKIES_BATCH);
-                self.cookies.want.notify_one();
-                b
-            }
-        };
-        bump(
-            &self.cookies.counters.handed_out,
-            (cookies.len() / SEALED_COOKIE_LEN) as u64,
-        );
+        let cookies = self.fresh(GET_COOKIES_BATCH, now_ms);
+        let n = cookies.len();
         let mut r = Message::new(Opcode::OkReply, m.header.xid);
-        r.params.cookies = Some(cookies);
+        self.hand_out(&mut r, cookies);
+        if n == 0 {
+            // The answer says "none now" rather than nothing at all.
+            r.params.cookies = Some(Bytes::new());
+        }
         r
     }
 
@@ -585,11 +579,19 @@ impl LinkKeys {
         if !is_reply(m) {
             return;
         }
-        let Some(w) = link.inflight.lock().remove(&m.header.xid) else {
-            return;
-        };
         let ok = m.header.opcode == Opcode::OkReply;
         let c = &self.cookies;
+        let Some(w) = link.inflight.lock().remove(&m.header.xid) else {
+            // A grant of WRITE permission is followed by a write: it
+            // brings that write's cookies along. A burst of writes (mkfs
+            // discarding a whole device) then finds cookies waiting, instead
+            // of a GET_COOKIES round trip queued behind the burst itself.
+            if ok && m.params.permissions == Some(Perm::Write) {
+                let fresh = self.fresh(PER_REPLY, now_ms);
+                self.hand_out(m, fresh);
+            }
+            return;
+        };
         let fresh = match (&self.kind, w) {
             (Kind::Trusted { issuer, .. }, Inflight::Baked(b)) => {
                 if let Some(r) = issuer.complete(&b, ok, now_ms) {
@@ -601,14 +603,31 @@ impl LinkKeys {
             (Kind::Relay(_), Inflight::Digest(d)) => {
                 m.params.receipt = c.relay_receipts.lock().remove(&d);
                 c.relay_baked.lock().remove(&d);
-                c.want.notify_one();
-                c.take_bytes(PER_REPLY)
+                self.fresh(PER_REPLY, now_ms)
             }
             _ => Bytes::new(),
         };
+        self.hand_out(m, fresh);
+    }
+
+    /// Up to `n` cookies for a child: fresh from a trusted node; from a
+    /// relay's pool, which its parent link then tops up.
+    fn fresh(&self, n: usize, now_ms: u64) -> Bytes {
+        match &self.kind {
+            Kind::Trusted { issuer, .. } => issuer.issue(n, now_ms),
+            Kind::Relay(_) => {
+                let b = self.cookies.take_bytes(n);
+                self.cookies.want.notify_one();
+                b
+            }
+        }
+    }
+
+    /// Attach `fresh` cookies to a message for a child, and count them.
+    fn hand_out(&self, m: &mut Message, fresh: Bytes) {
         if !fresh.is_empty() {
             bump(
-                &c.counters.handed_out,
+                &self.cookies.counters.handed_out,
                 (fresh.len() / SEALED_COOKIE_LEN) as u64,
             );
             m.params.cookies = Some(fresh);

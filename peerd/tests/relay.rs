@@ -723,6 +723,35 @@ async fn writes_are_authorised_by_cookies_and_answered_with_receipts() {
     assert_eq!(root.cookies_refused + root.replays_refused, 0, "{root:?}");
 }
 
+/// A grant of WRITE brings cookies for the write that follows it, through
+/// the relay's pool: a burst of writes does not wait on a GET_COOKIES round
+/// trip queued behind the burst itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_grant_brings_cookies() {
+    let t = tree(1).await;
+    let h = t.leaves[0].handle();
+    // Both pools filled by their GET_COOKIES first, so that the relay has
+    // cookies to pass on.
+    let mut filled = false;
+    for _ in 0..200 {
+        if cookies(&t.relay).await.pool > 2 && cookies(&t.leaves[0]).await.pool > 0 {
+            filled = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(filled, "the pools never filled");
+    let before = cookies(&t.leaves[0]).await;
+    within("lock", h.lock(5, Perm::Write)).await.expect("lock");
+    let after = cookies(&t.leaves[0]).await;
+    assert_eq!(
+        after.received,
+        before.received + canopy_peerd::cookie::PER_REPLY as u64,
+        "{before:?} then {after:?}"
+    );
+    assert_eq!(after.baked, before.baked, "no write went up");
+}
+
 /// A relay replays a captured write after a newer one landed: the root
 /// refuses it (COOKIE_SPENT, counted) and the newer data stays.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
