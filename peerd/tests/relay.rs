@@ -425,6 +425,18 @@ async fn tree_with(leaves: usize, grant_ttl_ms: Option<u64>, hb_ttl_ms: Option<u
     }
 }
 
+/// Read `chunk` until a read succeeds (the leaf may be dialling its parent
+/// again after an attack), at most 100 tries 50 ms apart.
+async fn read_eventually(h: &canopy_peerd::NodeHandle, chunk: u64) -> Option<Bytes> {
+    for _ in 0..100 {
+        if let Ok(d) = within("read", h.read(chunk)).await {
+            return Some(d);
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    None
+}
+
 async fn stats(p: &Peer) -> canopy_peerd::driver::PeerStats {
     within("stats", p.handle().stats()).await.expect("stats")
 }
@@ -880,15 +892,7 @@ async fn garbled_and_truncated_frames_are_detected() {
     assert!(r.is_err(), "a read over a lost stream succeeded: {r:?}");
     assert!(stats(&t.leaves[0]).await.decode_errors >= 1);
     // The leaf dials again; reads are right.
-    let mut seen = None;
-    for _ in 0..100 {
-        if let Ok(d) = within("read", h.read(8)).await {
-            seen = Some(d);
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    assert_eq!(seen, Some(a));
+    assert_eq!(read_eventually(&h, 8).await, Some(a));
 }
 
 /// Random bytes on connect: the relay drops the connection (counted) and
@@ -968,15 +972,7 @@ async fn an_older_valid_version_is_refused() {
     assert!(stats(&t.leaves[1]).await.bad_records > before);
 
     t.below_relay[1].attack_down(Attack::Pass);
-    let mut seen = None;
-    for _ in 0..100 {
-        if let Ok(d) = within("honest read", reader.read(6)).await {
-            seen = Some(d);
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
-    assert_eq!(seen, Some(b));
+    assert_eq!(read_eventually(&reader, 6).await, Some(b));
 }
 
 /// Many writes at once from an async leaf with a small cache, through a
