@@ -109,6 +109,11 @@ fi
 if grep -q "missed its heartbeats" "$CANOPY_OUT/daemon.log" "$CANOPY_OUT/relay.log"; then
   fail "a node missed its parent's heartbeats"
 fi
+# A node busy with mkfs's burst still sends its own HEARTBEATs: no parent
+# dropped a child for silence.
+if grep -q "child silent past its heartbeat" "$CANOPY_OUT/relay.log" "$CANOPY_OUT/root.log"; then
+  fail "a parent dropped a busy child as silent"
+fi
 kill -USR1 "$RELAY_PID"
 for _ in $(seq 1 50); do grep -q bad_records "$CANOPY_OUT/relay.log" && break; sleep 0.1; done
 grep -q '"bad_records":0,' "$CANOPY_OUT/relay.log" || fail "the relay's stats (SIGUSR1) do not show 0 bad records"
