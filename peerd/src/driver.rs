@@ -479,7 +479,11 @@ pub fn start(node: Node, opts: DriverOptions) -> Peer {
         view: opts.view,
         keys: keys.clone(),
     };
-    let task = tokio::spawn(task.run(shutdown_rx));
+    // The node's own logs (`canopy_node`) do not know its name: the span
+    // gives them it, so that a tree in one process, or nodes sharing a log
+    // file, can be told apart.
+    let span = tracing::info_span!("node", name = %task.name);
+    let task = tokio::spawn(tracing::Instrument::instrument(task.run(shutdown_rx), span));
     Peer {
         handle: NodeHandle { tx: events_tx },
         local_addr,
