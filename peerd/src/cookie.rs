@@ -341,14 +341,10 @@ impl LinkKeys {
     /// A child's GET_COOKIES: fresh cookies from a trusted node, or what a
     /// relay's pool holds (which it then tops up).
     pub fn answer_get_cookies(&self, m: &Message, now_ms: u64) -> Message {
-        let cookies = self.fresh(GET_COOKIES_BATCH, now_ms);
-        let n = cookies.len();
         let mut r = Message::new(Opcode::OkReply, m.header.xid);
-        self.hand_out(&mut r, cookies);
-        if n == 0 {
-            // The answer says "none now" rather than nothing at all.
-            r.params.cookies = Some(Bytes::new());
-        }
+        self.hand_out(&mut r, self.fresh(GET_COOKIES_BATCH, now_ms));
+        // An empty answer still says "none now" rather than nothing.
+        r.params.cookies.get_or_insert_with(Bytes::new);
         r
     }
 
