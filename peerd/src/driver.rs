@@ -1529,7 +1529,7 @@ struct LinkOut {
     parked_since: Option<Instant>,
 }
 
-/// The link is gone (write failed, ledger unusable, or the node dropped it).
+/// The link is gone (a write to the socket failed, or the node dropped it).
 struct LinkGone;
 
 impl LinkOut {

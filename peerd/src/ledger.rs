@@ -19,8 +19,8 @@
 //! lost. Spends are therefore appended without an fsync each (a process
 //! restart keeps them; a host crash may lose the last ones, and their
 //! retries then get an error instead of the receipt); [`Issuer::sync`]
-//! at a clean stop, and compaction, make them durable. Without a file a retry across any
-//! restart gets that error.
+//! at a clean stop, and compaction, make them durable. Without a file a
+//! retry across any restart gets that error.
 //!
 //! **Reply cache.** ed25519 signatures are deterministic, so the receipt of
 //! a spent cookie is made again from the same baked cookie: the ledger only
@@ -362,9 +362,8 @@ impl Issuer {
     pub fn sync(&self) -> Result<(), LedgerError> {
         // The fsync runs on a duplicate of the file's descriptor, outside
         // the lock, so that writes keep being admitted meanwhile. Each
-        // caller waits for an fsync that began after its own spends were
-        // written (`appended` then), so none sends a receipt on the
-        // strength of another's fsync still in progress.
+        // caller's fsync covers the spends appended when it began
+        // (`appended` then), and `synced` never counts one still running.
         let (path, file, target, compact) = {
             let st = self.state.lock();
             if st.synced >= st.appended {
