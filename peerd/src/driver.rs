@@ -75,6 +75,11 @@ const ORIGIN_WRITES: usize = 32;
 /// How long one attempt to reach the parent may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How often a trusted node makes its cookie ledger's spends durable and
+/// compacts it (`Issuer::sync`). Spends are appended without an fsync
+/// each, and until a sync the file only grows.
+const LEDGER_SYNC: Duration = Duration::from_secs(60);
+
 /// How long a shutdown waits for writers to drain their queues.
 const SHUTDOWN_DRAIN: Duration = Duration::from_secs(2);
 
@@ -452,6 +457,13 @@ pub fn start(node: Node, opts: DriverOptions) -> Peer {
         written_tx,
         written_rx,
     };
+    let ledger_sync = keys.clone().map(|k| {
+        let span = tracing::info_span!("node", name = %opts.name);
+        tokio::spawn(tracing::Instrument::instrument(
+            sync_ledger_every(k, LEDGER_SYNC),
+            span,
+        ))
+    });
     let task = NodeTask {
         node,
         name: opts.name,
@@ -475,6 +487,7 @@ pub fn start(node: Node, opts: DriverOptions) -> Peer {
         parents_failed: 0,
         acceptor,
         dialer,
+        ledger_sync,
         reads,
         view: opts.view,
         keys: keys.clone(),
@@ -551,6 +564,8 @@ struct NodeTask {
     parents_failed: u64,
     acceptor: Option<JoinHandle<()>>,
     dialer: Option<JoinHandle<()>>,
+    /// Syncs the cookie ledger every [`LEDGER_SYNC`].
+    ledger_sync: Option<JoinHandle<()>>,
     reads: OriginReads,
     view: Option<Arc<ReadView>>,
     /// The volume's keys, for the cookie stats.
@@ -1100,6 +1115,10 @@ impl NodeTask {
             d.abort();
             let _ = d.await;
         }
+        if let Some(l) = self.ledger_sync.take() {
+            l.abort();
+            let _ = l.await;
+        }
         let mut writers = Vec::new();
         if self.parent.is_some() {
             // XID 0 is never one the node allocates, so the parent's OK_REPLY
@@ -1127,15 +1146,7 @@ impl NodeTask {
         // Spends are appended without an fsync each (`ledger.rs`): a clean
         // stop makes them durable, for retries after the restart.
         if let Some(k) = self.keys.clone() {
-            match tokio::task::spawn_blocking(move || k.sync_ledger()).await {
-                Ok(Ok(())) => {}
-                Ok(Err(e)) => {
-                    tracing::warn!(node = %self.name, error = %e, "cookie ledger not synced")
-                }
-                Err(e) => {
-                    tracing::warn!(node = %self.name, error = %e, "cookie ledger sync failed")
-                }
-            }
+            sync_ledger(k).await;
         }
         tracing::info!(node = %self.name, "stopped");
     }
@@ -1152,6 +1163,28 @@ fn read_aligned(origin: &dyn Backing, chunk: u64, size: usize) -> std::io::Resul
     let off = (PAGE - buf.as_ptr() as usize % PAGE) % PAGE;
     origin.read_chunk(chunk, &mut buf[off..off + size])?;
     Ok(Bytes::from(buf).slice(off..off + size))
+}
+
+/// Sync the cookie ledger every `period` (a no-op at a relay, or without a
+/// ledger file), on a blocking thread: the fsync and a compaction's
+/// rewrite must not stall the runtime's workers.
+async fn sync_ledger_every(keys: Arc<LinkKeys>, period: Duration) {
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        sync_ledger(keys.clone()).await;
+    }
+}
+
+/// Sync the cookie ledger on a blocking thread; a failure is logged (the
+/// spends stay appended, and the next sync tries again).
+async fn sync_ledger(keys: Arc<LinkKeys>) {
+    match tokio::task::spawn_blocking(move || keys.sync_ledger()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "cookie ledger not synced"),
+        Err(e) => tracing::warn!(error = %e, "cookie ledger sync failed"),
+    }
 }
 
 async fn sleep_until_opt(t: Option<Instant>) {

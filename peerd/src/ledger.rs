@@ -18,9 +18,12 @@
 //! restart no longer checks, so nothing is applied twice whatever the file
 //! lost. Spends are therefore appended without an fsync each (a process
 //! restart keeps them; a host crash may lose the last ones, and their
-//! retries then get an error instead of the receipt); [`Issuer::sync`]
-//! at a clean stop, and compaction, make them durable. Without a file a
-//! retry across any restart gets that error.
+//! retries then get an error instead of the receipt). [`Issuer::sync`],
+//! which the driver calls every minute on a blocking thread and at a
+//! clean stop, makes them durable, and compacts the file to its live
+//! entries once it has outgrown them by [`COMPACT_SLACK`], so the file
+//! stays about the size of the last [`COOKIE_TTL_MS`]'s spends. Without a
+//! file a retry across any restart gets that error.
 //!
 //! **Reply cache.** ed25519 signatures are deterministic, so the receipt of
 //! a spent cookie is made again from the same baked cookie: the ledger only
@@ -51,8 +54,9 @@ const MAGIC: &[u8; 8] = b"CNPYLDG1";
 const HEADER_LEN: usize = 8 + 32;
 /// value ‖ expiry ‖ baked-cookie hash.
 const ENTRY_LEN: usize = COOKIE_VALUE_LEN + 8 + 32;
-/// Compact the file once it holds this many entries more than are live.
-const COMPACT_SLACK: usize = 100_000;
+/// Compact the file once it holds this many entries more than are live
+/// (5.6 MB).
+pub const COMPACT_SLACK: usize = 100_000;
 
 /// Why a ledger file cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -108,6 +112,19 @@ struct State {
     /// them a completed fsync covers.
     appended: u64,
     synced: u64,
+    /// While a rewrite runs, the entries recorded since its snapshot, for
+    /// the new file.
+    compacting: Option<Vec<u8>>,
+}
+
+/// A rewrite's view of the ledger when it began (see `Issuer::rewrite`).
+struct Snapshot {
+    /// The new file's bytes: header and live entries.
+    bytes: Vec<u8>,
+    /// Entries in `bytes`.
+    live: usize,
+    /// `State::appended` then: the spends the new file's fsync covers.
+    covered: u64,
 }
 
 /// A trusted node's cookie issuer and spent-cookie ledger.
@@ -115,6 +132,12 @@ pub struct Issuer {
     keys: Arc<TrustedKeys>,
     secret: Zeroizing<[u8; 32]>,
     state: Mutex<State>,
+    /// Held through a sync or rewrite, so that one runs at a time and an
+    /// fsync of the old file never counts for spends that a concurrent
+    /// rewrite moved to a new one. The write path never takes it.
+    syncing: Mutex<()>,
+    /// [`COMPACT_SLACK`]; smaller in tests.
+    compact_slack: usize,
 }
 
 /// The baked-cookie hash of a voided cookie: no baked cookie hashes to it,
@@ -148,14 +171,27 @@ impl Issuer {
                 in_file: 0,
                 appended: 0,
                 synced: 0,
+                compacting: None,
             }),
+            syncing: Mutex::new(()),
+            compact_slack: COMPACT_SLACK,
         }
     }
 
     /// An issuer whose ledger persists in `path`: loaded (its unexpired
     /// entries) if the file exists, created otherwise.
     pub fn open(keys: Arc<TrustedKeys>, path: &Path, now_ms: u64) -> Result<Self, LedgerError> {
-        let issuer = Issuer::in_memory(keys);
+        Self::open_with_slack(keys, path, now_ms, COMPACT_SLACK)
+    }
+
+    fn open_with_slack(
+        keys: Arc<TrustedKeys>,
+        path: &Path,
+        now_ms: u64,
+        slack: usize,
+    ) -> Result<Self, LedgerError> {
+        let mut issuer = Issuer::in_memory(keys);
+        issuer.compact_slack = slack;
         let mut live: Vec<([u8; COOKIE_VALUE_LEN], Spent)> = Vec::new();
         match File::open(path) {
             Ok(mut f) => {
@@ -197,46 +233,76 @@ impl Issuer {
             }
             st.order.make_contiguous().sort_unstable();
         }
-        issuer.rewrite(path)?;
+        {
+            let _one = issuer.syncing.lock();
+            issuer.rewrite(path)?;
+        }
         Ok(issuer)
     }
 
     /// Write the ledger afresh (header and live entries) beside `path`,
     /// fsync it and move it into place: at start, and to compact.
+    ///
+    /// Only the snapshot and the swap hold the state lock; the write and
+    /// the fsyncs run outside it, so that a compaction of a large ledger
+    /// does not stall every write's admission. Spends recorded meanwhile
+    /// go to the old file as usual and are also kept aside (`compacting`),
+    /// to be appended to the new file at the swap. Callers hold
+    /// `self.syncing`, so no other sync or rewrite runs meanwhile.
     fn rewrite(&self, path: &Path) -> Result<(), LedgerError> {
-        let mut st = self.state.lock();
+        let snap = self.snapshot();
         let tmp = path.with_extension("tmp");
-        let mut buf = Vec::with_capacity(HEADER_LEN + st.spent.len() * ENTRY_LEN);
-        buf.extend_from_slice(MAGIC);
-        buf.extend_from_slice(&self.keys.id().0);
+        let written = write_synced(&tmp, &snap.bytes);
+        self.swap(path, &tmp, &snap, written)
+    }
+
+    /// The live entries as a new file's bytes; from now on `record` also
+    /// keeps what it appends, for [`Issuer::swap`].
+    fn snapshot(&self) -> Snapshot {
+        let mut st = self.state.lock();
+        let mut bytes = Vec::with_capacity(HEADER_LEN + st.spent.len() * ENTRY_LEN);
+        bytes.extend_from_slice(MAGIC);
+        bytes.extend_from_slice(&self.keys.id().0);
         for (value, s) in &st.spent {
-            buf.extend_from_slice(value);
-            buf.extend_from_slice(&s.expires_ms.to_le_bytes());
-            buf.extend_from_slice(&s.baked);
+            bytes.extend_from_slice(&entry(value, s.expires_ms, &s.baked));
         }
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)
-            .map_err(io(&tmp))?;
-        set_private(&f, &tmp)?;
-        f.write_all(&buf).map_err(io(&tmp))?;
-        f.sync_all().map_err(io(&tmp))?;
-        fs::rename(&tmp, path).map_err(io(path))?;
+        st.compacting = Some(Vec::new());
+        Snapshot {
+            bytes,
+            live: st.spent.len(),
+            covered: st.appended,
+        }
+    }
+
+    /// Put the new file `tmp` (`written`: the snapshot, fsynced) in place
+    /// of `path`, with the spends recorded since the snapshot appended.
+    fn swap(
+        &self,
+        path: &Path,
+        tmp: &Path,
+        snap: &Snapshot,
+        written: Result<File, LedgerError>,
+    ) -> Result<(), LedgerError> {
+        let mut st = self.state.lock();
+        let extra = st.compacting.take().unwrap_or_default();
+        // On failure the old file stays in use: it holds every entry.
+        let mut f = written?;
+        // The few spends made during the write: written, not yet synced,
+        // like any other append.
+        f.write_all(&extra).map_err(io(tmp))?;
+        fs::rename(tmp, path).map_err(io(path))?;
+        st.in_file = snap.live + extra.len() / ENTRY_LEN;
+        st.file = Some((path.to_path_buf(), f));
+        drop(st);
+        // Until the directory is synced a crash may bring back the old
+        // file, which lacks the unsynced tail of what the new one holds.
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             File::open(dir)
                 .and_then(|d| d.sync_all())
                 .map_err(io(dir))?;
         }
-        let f = OpenOptions::new()
-            .append(true)
-            .open(path)
-            .map_err(io(path))?;
-        st.in_file = st.spent.len();
-        st.file = Some((path.to_path_buf(), f));
-        // The rewrite was fsynced: it holds every spend so far.
-        st.synced = st.appended;
+        let mut st = self.state.lock();
+        st.synced = st.synced.max(snap.covered);
         Ok(())
     }
 
@@ -332,11 +398,11 @@ impl Issuer {
                 }
             }
         }
+        let e = entry(&value, expires_ms, &hash);
+        if let Some(c) = &mut st.compacting {
+            c.extend_from_slice(&e);
+        }
         if let Some((path, f)) = &mut st.file {
-            let mut e = [0u8; ENTRY_LEN];
-            e[..COOKIE_VALUE_LEN].copy_from_slice(&value);
-            e[COOKIE_VALUE_LEN..COOKIE_VALUE_LEN + 8].copy_from_slice(&expires_ms.to_le_bytes());
-            e[COOKIE_VALUE_LEN + 8..].copy_from_slice(&hash);
             if let Err(err) = f.write_all(&e) {
                 // No receipt for a spend we could not record: the writer
                 // gets an error and retries with another cookie.
@@ -357,9 +423,11 @@ impl Issuer {
         }
     }
 
-    /// Make every spend so far durable (a clean stop). Compacts the file
-    /// when it has grown well past the live set.
+    /// Make every spend so far durable. Compacts the file when it has
+    /// grown well past the live set. The driver calls it every
+    /// `LEDGER_SYNC` on a blocking thread, and at a clean stop.
     pub fn sync(&self) -> Result<(), LedgerError> {
+        let _one = self.syncing.lock();
         // The fsync runs on a duplicate of the file's descriptor, outside
         // the lock, so that writes keep being admitted meanwhile. Each
         // caller's fsync covers the spends appended when it began
@@ -372,7 +440,7 @@ impl Issuer {
             let Some((path, f)) = &st.file else {
                 return Ok(());
             };
-            let compact = st.in_file > st.spent.len() + COMPACT_SLACK;
+            let compact = st.in_file > st.spent.len() + self.compact_slack;
             let file = f.try_clone().map_err(io(path))?;
             (path.clone(), file, st.appended, compact)
         };
@@ -391,6 +459,30 @@ impl Issuer {
     pub fn spent_len(&self) -> usize {
         self.state.lock().spent.len()
     }
+}
+
+/// One ledger entry: value ‖ expiry ‖ baked-cookie hash.
+fn entry(value: &[u8; COOKIE_VALUE_LEN], expires_ms: u64, baked: &[u8; 32]) -> [u8; ENTRY_LEN] {
+    let mut e = [0u8; ENTRY_LEN];
+    e[..COOKIE_VALUE_LEN].copy_from_slice(value);
+    e[COOKIE_VALUE_LEN..COOKIE_VALUE_LEN + 8].copy_from_slice(&expires_ms.to_le_bytes());
+    e[COOKIE_VALUE_LEN + 8..].copy_from_slice(baked);
+    e
+}
+
+/// Create `path` (mode 0600) holding `bytes`, fsynced; the file is left
+/// open for writing at its end.
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<File, LedgerError> {
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+        .map_err(io(path))?;
+    set_private(&f, path)?;
+    f.write_all(bytes).map_err(io(path))?;
+    f.sync_all().map_err(io(path))?;
+    Ok(f)
 }
 
 fn tag_input(head: &[u8], expires_ms: u64) -> [u8; COOKIE_VALUE_LEN] {
@@ -525,6 +617,110 @@ mod tests {
             Issuer::open(k, &path, NOW),
             Err(LedgerError::Format { .. })
         ));
+    }
+
+    fn value(i: u64) -> [u8; COOKIE_VALUE_LEN] {
+        let mut v = [0u8; COOKIE_VALUE_LEN];
+        v[..8].copy_from_slice(&i.to_le_bytes());
+        v
+    }
+
+    fn file_entries(path: &Path) -> usize {
+        let len = fs::metadata(path).expect("meta").len() as usize;
+        (len - HEADER_LEN) / ENTRY_LEN
+    }
+
+    #[test]
+    fn a_running_ledger_is_compacted_by_sync() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("vol.cookies");
+        let k = keys();
+        let i = Issuer::open_with_slack(k.clone(), &path, NOW, 50).expect("ledger");
+        // 100 spends that expire, then one that does not: that record
+        // drops the expired ones from memory, not from the file.
+        for n in 0..100 {
+            assert!(i.record(value(n), NOW + 10, [1; 32], NOW));
+        }
+        assert!(i.record(value(1000), NOW + COOKIE_TTL_MS, [2; 32], NOW + 20));
+        assert_eq!(i.spent_len(), 1);
+        assert_eq!(file_entries(&path), 101);
+        i.sync().expect("sync");
+        assert_eq!(file_entries(&path), 1, "compacted to the live set");
+        // The new file takes further spends, and a restart finds them.
+        assert!(i.record(value(1001), NOW + COOKIE_TTL_MS, [3; 32], NOW + 20));
+        i.sync().expect("sync");
+        drop(i);
+        assert_eq!(file_entries(&path), 2);
+        let i = Issuer::open(k, &path, NOW + 20).expect("reopens");
+        assert_eq!(i.spent_len(), 2);
+    }
+
+    /// Spends recorded while a compaction writes its new file are neither
+    /// lost nor reordered: they go to the old file and, at the swap, to
+    /// the new one; a restart finds each value with its last hash.
+    #[test]
+    fn spends_during_a_compaction_survive_it() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("vol.cookies");
+        let k = keys();
+        let i = Issuer::open(k.clone(), &path, NOW).expect("ledger");
+        let exp = NOW + COOKIE_TTL_MS;
+        for n in 0..10 {
+            assert!(i.record(value(n), exp, [1; 32], NOW));
+        }
+        // A compaction begins; while its file is written, spends go on:
+        // new values, and a value of the snapshot spent again.
+        let snap = i.snapshot();
+        let tmp = path.with_extension("tmp");
+        let written = write_synced(&tmp, &snap.bytes);
+        assert!(i.record(value(3), exp, [2; 32], NOW));
+        for n in 10..15 {
+            assert!(i.record(value(n), exp, [3; 32], NOW));
+        }
+        i.swap(&path, &tmp, &snap, written).expect("swap");
+        assert_eq!(file_entries(&path), 16);
+        // And after it, into the new file.
+        assert!(i.record(value(15), exp, [4; 32], NOW));
+        i.sync().expect("sync");
+        drop(i);
+        let i = Issuer::open(k, &path, NOW).expect("reopens");
+        let st = i.state.lock();
+        assert_eq!(st.spent.len(), 16);
+        for n in 0..16 {
+            let want = match n {
+                3 => [2; 32],
+                0..=9 => [1; 32],
+                10..=14 => [3; 32],
+                _ => [4; 32],
+            };
+            assert_eq!(
+                st.spent.get(&value(n)).map(|s| s.baked),
+                Some(want),
+                "value {n}"
+            );
+        }
+    }
+
+    /// A compaction whose new file cannot be written leaves the old one
+    /// in use, with every spend.
+    #[test]
+    fn a_failed_compaction_keeps_the_old_file() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let path = dir.path().join("vol.cookies");
+        let k = keys();
+        let i = Issuer::open(k.clone(), &path, NOW).expect("ledger");
+        let exp = NOW + COOKIE_TTL_MS;
+        assert!(i.record(value(1), exp, [1; 32], NOW));
+        let snap = i.snapshot();
+        let tmp = dir.path().join("missing").join("vol.tmp");
+        let written = write_synced(&tmp, &snap.bytes);
+        assert!(written.is_err());
+        assert!(i.record(value(2), exp, [2; 32], NOW));
+        assert!(i.swap(&path, &tmp, &snap, written).is_err());
+        assert!(i.record(value(3), exp, [3; 32], NOW));
+        i.sync().expect("sync");
+        drop(i);
+        assert_eq!(Issuer::open(k, &path, NOW).expect("reopens").spent_len(), 3);
     }
 
     /// What a sequence of writers, a replaying relay and restarts can do
