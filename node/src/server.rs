@@ -410,6 +410,7 @@ impl Node {
         self.outstanding
             .retain(|_, o| !matches!(o, Outstanding::Invalidate { child: c, .. } if *c == child));
         let mut touched = Vec::new();
+        let mut dropped = Vec::new();
         for (chunk, e) in self.table.iter_mut() {
             let had = e.child_perm(child);
             if had == Perm::Write {
@@ -420,18 +421,30 @@ impl Node {
             let before = e.children.len() + e.recall.len() + e.queue.len();
             e.set_child(child, Perm::No);
             e.recall.retain(|(c, _)| *c != child);
-            // A request already in progress stays (its reply goes nowhere);
-            // queued ones behind it are dropped.
+            // A request already in progress stays (its reply goes to a
+            // connection that is gone); queued ones behind it are dropped,
+            // and answered too: the driver learns from every answer what
+            // became of a write whose cookie it admitted (here: never
+            // applied), so that a retry of it is answered truly.
             let mut first = true;
             e.queue.retain(|p| {
                 let keep =
                     first || !matches!(p.from, Requester::Child { child: c, .. } if c == child);
+                if !keep {
+                    dropped.push((*chunk, p.from.clone()));
+                }
                 first = false;
                 keep
             });
             if before != e.children.len() + e.recall.len() + e.queue.len() {
                 touched.push(*chunk);
             }
+        }
+        // Sorted so that a simulation replays the same actions in the
+        // same order (the stable sort keeps each chunk's queue order).
+        dropped.sort_by_key(|(chunk, _)| *chunk);
+        for (_, from) in dropped {
+            self.answer(&from, Err(Status::ParentUnavailable));
         }
         touched.sort_unstable();
         for chunk in touched {

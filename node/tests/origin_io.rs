@@ -429,3 +429,38 @@ fn a_failed_write_refuses_its_flush_and_drops_its_bytes() {
     assert_eq!(replies(&a), vec![(2, 13, Opcode::OkReply, Some(0xD4))]);
     assert_eq!(origin.written_chunk(5), vec![0xD4; CHUNK]);
 }
+
+/// A child that goes while its writes wait behind another request: the
+/// one in progress stays, and each queued one is answered (into the void)
+/// with an error and never applied. The driver learns from those answers
+/// that the writes failed, so their cookies are voided, not left in use.
+#[test]
+fn a_gone_childs_queued_writes_are_answered_and_not_applied() {
+    let (mut n, origin) = root(0);
+    // Child 1's read waits for the origin; child 2's two PUTs queue behind.
+    let a = get(&mut n, 1, 10, 2);
+    assert_eq!(reads(&a), vec![2]);
+    for (xid, byte) in [(21, 0xA1), (22, 0xA2)] {
+        let put = request(IoOp::Put, xid, 2, Perm::Write, Some(chunk_of(byte)));
+        n.handle_child(2, put, 1);
+        assert!(replies(&drain(&mut n)).is_empty(), "queued");
+    }
+    n.child_gone(2, 2);
+    let r = replies(&drain(&mut n));
+    assert_eq!(
+        r,
+        vec![
+            (2, 21, Opcode::ErrReply, None),
+            (2, 22, Opcode::ErrReply, None)
+        ]
+    );
+    // The read goes on; neither write lands.
+    let mut buf = vec![0; CHUNK];
+    origin.read_chunk(2, &mut buf).unwrap();
+    n.origin_loaded(2, Ok(Bytes::from(buf)), 3);
+    let r = replies(&drain(&mut n));
+    assert_eq!(r, vec![(1, 10, Opcode::OkReply, Some(3))]);
+    let mut now = vec![0; CHUNK];
+    origin.read_chunk(2, &mut now).unwrap();
+    assert_eq!(now, vec![3; CHUNK]);
+}

@@ -16,8 +16,10 @@
 //!   cookie that this node issued and has not spent (`ledger.rs`), and
 //!   answer a write with its receipt and a fresh cookie. A write whose
 //!   cookie is spent is never applied again: the same write (a retry, or a
-//!   replay) gets COOKIE_SPENT with its original receipt; another write
-//!   gets COOKIE_SPENT alone.
+//!   replay) gets COOKIE_SPENT with its original receipt, or IN_RECOVERY
+//!   while the original is not answered yet; another write gets
+//!   COOKIE_SPENT alone. A link that closes leaves its writes' cookies in
+//!   use until the node answers them (`LinkKeys::link_closed`).
 //! - **A relay** cannot bake or burn. It checks each baked cookie's
 //!   binding to the record and its expiry, keeps it with the record, passes
 //!   it up with the record, and passes the receipt that comes back down.
@@ -431,6 +433,12 @@ impl LinkKeys {
             }
             if let Inflight::Digest(d) = w {
                 c.relay_baked.lock().remove(&d);
+                // A retry answered from the reply cache (COOKIE_SPENT with
+                // the original receipt): the receipt goes down with the
+                // refusal, for the writer to check.
+                if let Some(r) = m.params.receipt.clone() {
+                    c.relay_receipts.lock().insert(d, r);
+                }
             }
             return Ok(Delivery::Deliver);
         }
@@ -541,6 +549,11 @@ impl LinkKeys {
                     why: "a write whose cookie is spent (retry or replay): not applied again",
                     receipt: Some(Bytes::copy_from_slice(&r.encode())),
                 }),
+                crate::ledger::Admit::InProgress => Err(Refusal {
+                    status: Status::InRecovery,
+                    why: "a retry of a write not answered yet: ask again later",
+                    receipt: None,
+                }),
                 crate::ledger::Admit::Spent => Err(Refusal {
                     status: Status::CookieSpent,
                     why: "a cookie spent on another write",
@@ -630,28 +643,38 @@ impl LinkKeys {
         }
     }
 
-    /// A link closed: the cookies of writes accepted on it and never
-    /// answered are voided (the node may still apply the write; a relay
-    /// that kept it must not get it applied again).
-    pub fn link_closed(&self, link: &LinkCookies, now_ms: u64) {
-        let inflight: Vec<Inflight> = link.inflight.lock().drain().map(|(_, w)| w).collect();
-        match &self.kind {
-            Kind::Trusted { issuer, .. } => {
-                let baked = inflight.into_iter().filter_map(|w| match w {
-                    Inflight::Baked(b) => Some(b),
-                    Inflight::Digest(_) => None,
-                });
-                issuer.void(baked, now_ms);
-            }
-            Kind::Relay(_) => {
-                for w in inflight {
-                    if let Inflight::Digest(d) = w {
-                        self.cookies.relay_baked.lock().remove(&d);
-                        self.cookies.relay_receipts.lock().remove(&d);
-                    }
+    /// A link closed. At a relay, what it kept of the writes on it goes.
+    /// At a trusted node the cookies of writes accepted on it stay in use:
+    /// the node still answers each of those writes (applied, or failed),
+    /// and the driver passes the answer to [`LinkKeys::reply_down`] with
+    /// this link's state although nothing is sent, so that the cookie is
+    /// spent with the write's true outcome. A retry of the write (the
+    /// writer re-sending it through another path) is then told to wait
+    /// (IN_RECOVERY) until that answer, and gets the original receipt or
+    /// learns the write failed. Voiding them here instead would leave a
+    /// retry unable to tell whether the write was applied.
+    pub fn link_closed(&self, link: &LinkCookies) {
+        if let Kind::Relay(_) = &self.kind {
+            let inflight: Vec<Inflight> = link.inflight.lock().drain().map(|(_, w)| w).collect();
+            for w in inflight {
+                if let Inflight::Digest(d) = w {
+                    self.cookies.relay_baked.lock().remove(&d);
+                    self.cookies.relay_receipts.lock().remove(&d);
                 }
             }
         }
+    }
+
+    /// Whether this node spends its children's cookies (a trusted node,
+    /// not a relay).
+    pub fn spends_cookies(&self) -> bool {
+        matches!(self.kind, Kind::Trusted { .. })
+    }
+
+    /// Whether this link's state still waits for answers to writes it
+    /// admitted (see [`LinkKeys::link_closed`]).
+    pub fn awaits_answers(&self, link: &LinkCookies) -> bool {
+        self.spends_cookies() && !link.inflight.lock().is_empty()
     }
 
     /// Make the spends recorded so far durable (at a clean stop); a no-op
@@ -698,6 +721,82 @@ mod tests {
         let mut last = [0u8; 32];
         last[..4].copy_from_slice(&(RELAY_WRITES_MAX as u32 + 9).to_le_bytes());
         assert_eq!(b.get(&last), Some(&(RELAY_WRITES_MAX as u32 + 9)));
+    }
+
+    /// A write whose link closed before the node answered it: its cookie
+    /// stays in use (a retry is told to wait), and the node's answer,
+    /// passed in with the closed link's state, spends it; the retry then
+    /// gets the original receipt.
+    #[test]
+    fn an_answer_after_the_link_closed_still_spends_the_cookie() {
+        use canopy_keys::TrustedKeys;
+        use canopy_proto::IoOp;
+        use std::sync::Arc;
+
+        let k = Arc::new(TrustedKeys::generate("vol").expect("keys"));
+        let writer = LinkKeys::trusted(k.clone());
+        let root = LinkKeys::trusted(k.clone());
+        let now = wall_now();
+        writer.cookies.add(&root.fresh(4, now));
+
+        let mut m = Message::new(Opcode::IoRequest, 7);
+        m.params.io_op = Some(IoOp::Put);
+        m.params.block_num = Some(3);
+        m.params.version = Some(9);
+        m.params.data = Some(Bytes::from(vec![0xAB; 4096]));
+        let rec = writer.outgoing(&mut m).expect("seal").expect("record");
+        let wlink = LinkCookies::default();
+        writer.bake_up(&wlink, &mut m, &rec).expect("a cookie");
+        let baked = BakedCookie::decode(m.params.cookie.as_ref().expect("baked")).expect("decode");
+
+        let arrive = |m: &Message| {
+            let mut at_root = [m.clone()];
+            let d = root.incoming(&mut at_root)[0]
+                .as_ref()
+                .ok()
+                .copied()
+                .flatten();
+            let [m] = at_root;
+            (m, d)
+        };
+        let first = LinkCookies::default();
+        let (mut w, d) = arrive(&m);
+        root.write_down(&first, &mut w, d, now).expect("admitted");
+        root.link_closed(&first);
+        assert!(root.awaits_answers(&first), "the cookie stays in use");
+
+        // A retry on another link before the answer: ask again later.
+        let second = LinkCookies::default();
+        let (mut retry, d) = arrive(&m);
+        let r = root.write_down(&second, &mut retry, d, now);
+        assert_eq!(r.map_err(|r| r.status).err(), Some(Status::InRecovery));
+
+        // The node answers the write on the closed link.
+        let mut answer = Message::new(Opcode::OkReply, 7);
+        root.reply_down(&first, &mut answer, now);
+        assert!(answer.params.receipt.is_some());
+        assert!(!root.awaits_answers(&first));
+
+        // The retry now gets the original receipt, not a second apply.
+        let (mut retry, d) = arrive(&m);
+        let refusal = root
+            .write_down(&second, &mut retry, d, now)
+            .expect_err("not applied again");
+        assert_eq!(refusal.status, Status::CookieSpent);
+        let receipt = Receipt::decode(&refusal.receipt.expect("the receipt")).expect("decode");
+        k.verifier()
+            .verify_receipt(&baked, &receipt)
+            .expect("the original receipt");
+        assert_eq!(
+            answer.params.receipt.as_deref(),
+            Some(&receipt.encode()[..])
+        );
+    }
+
+    fn wall_now() -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64)
     }
 
     #[test]

@@ -185,6 +185,8 @@ struct Link {
     /// Stops the link's reader (a close we decide on).
     close: Arc<Notify>,
     writer: JoinHandle<()>,
+    /// The link's writes in flight (cookies and receipts).
+    cookies: Arc<LinkCookies>,
 }
 
 impl Link {
@@ -193,6 +195,14 @@ impl Link {
         // Dropping `tx` lets the writer finish its queue, then shut down.
         self.writer
     }
+}
+
+/// A closed child link's cookie state, kept for the node's answers to the
+/// writes admitted on it (see `NodeTask::orphan`).
+struct Orphan {
+    cookies: Arc<LinkCookies>,
+    /// The link's reader has ended: no more writes will be admitted on it.
+    reader_done: bool,
 }
 
 /// Inputs to the node task.
@@ -472,6 +482,7 @@ pub fn start(node: Node, opts: DriverOptions) -> Peer {
         events: events_rx,
         heartbeats: heartbeats_rx,
         children: HashMap::new(),
+        orphans: HashMap::new(),
         parent: None,
         reset_tx,
         pending: HashMap::new(),
@@ -547,6 +558,10 @@ struct NodeTask {
     /// Children's HEARTBEATs, served before `events` (see `run`).
     heartbeats: mpsc::Receiver<Event>,
     children: HashMap<ChildId, Link>,
+    /// The cookie state of closed child links whose admitted writes the
+    /// node may not have answered yet: their answers still spend the
+    /// cookies (`LinkKeys::link_closed`).
+    orphans: HashMap<ChildId, Orphan>,
     parent: Option<(u64, Link)>,
     /// Tells the parent task to drop link `gen` and dial again.
     reset_tx: mpsc::UnboundedSender<u64>,
@@ -702,7 +717,13 @@ impl NodeTask {
             }
             Event::Msg(Source::Child(id), m) => {
                 if !self.children.contains_key(&id) {
-                    return; // closed by us; its last messages are moot
+                    // Closed by us; its last messages are moot. A write
+                    // among them was admitted with its cookie: it fails.
+                    if !m.header.opcode.is_reply() {
+                        let r = Message::err_reply(m.header.xid, Status::ParentUnavailable);
+                        self.answer_orphan(id, r);
+                    }
+                    return;
                 }
                 self.record(Direction::Recv, PeerName::Child(id), &m);
                 self.node.handle_child(id, m, now);
@@ -760,10 +781,15 @@ impl NodeTask {
                 tracing::warn!(node = %self.name, peer = %self.peer_name(src), "framing lost");
             }
             Event::Closed(Source::Child(id)) => {
+                // The reader's last event: nothing more is admitted on it.
                 if let Some(link) = self.children.remove(&id) {
                     tracing::info!(node = %self.name, child = id, "child disconnected");
+                    self.orphan(id, &link, true);
                     drop(link.close());
+                } else if let Some(o) = self.orphans.get_mut(&id) {
+                    o.reader_done = true;
                 }
+                self.prune_orphan(id);
                 // Also after a close we decided on: the node may still hold
                 // state for a child that never finished CONNECT.
                 self.node.child_gone(id, now);
@@ -890,6 +916,7 @@ impl NodeTask {
                 Action::CloseChild(id) => {
                     if let Some(link) = self.children.remove(&id) {
                         tracing::warn!(node = %self.name, child = id, "closing child");
+                        self.orphan(id, &link, false);
                         drop(link.close());
                     }
                 }
@@ -1048,11 +1075,51 @@ impl NodeTask {
     fn send_child(&mut self, id: ChildId, m: Message) {
         let Some(link) = self.children.get(&id) else {
             tracing::debug!(node = %self.name, child = id, msg = %m, "child gone; message dropped");
+            self.answer_orphan(id, m);
             return;
         };
         if link.tx.send(m.clone()).is_ok() {
             self.record(Direction::Send, PeerName::Child(id), &m);
         }
+    }
+
+    /// A child link closed: keep its cookie state while writes admitted
+    /// on it may wait for the node's answer (a trusted node; see
+    /// `LinkKeys::link_closed`). Its reader may still be admitting writes
+    /// when we close it, so it stays until that reader has ended too.
+    fn orphan(&mut self, id: ChildId, link: &Link, reader_done: bool) {
+        if self.keys.as_ref().is_some_and(|k| k.spends_cookies()) {
+            let cookies = link.cookies.clone();
+            self.orphans.insert(
+                id,
+                Orphan {
+                    cookies,
+                    reader_done,
+                },
+            );
+        }
+    }
+
+    /// Forget an orphan once its reader has ended and every write
+    /// admitted on it has been answered.
+    fn prune_orphan(&mut self, id: ChildId) {
+        let (Some(k), Some(o)) = (&self.keys, self.orphans.get(&id)) else {
+            return;
+        };
+        if o.reader_done && !k.awaits_answers(&o.cookies) {
+            self.orphans.remove(&id);
+        }
+    }
+
+    /// The node's answer to a child whose link is gone: nothing is sent,
+    /// but a write's cookie is spent with the answer (a receipt kept for
+    /// its retry, or voided if the write failed).
+    fn answer_orphan(&mut self, id: ChildId, mut m: Message) {
+        let (Some(k), Some(o)) = (&self.keys, self.orphans.get(&id)) else {
+            return;
+        };
+        k.reply_down(&o.cookies, &mut m, wall_ms());
+        self.prune_orphan(id);
     }
 
     fn record(&mut self, dir: Direction, peer: PeerName, m: &Message) {
@@ -1208,7 +1275,13 @@ fn spawn_link(wr: OwnedWriteHalf, keys: Option<Arc<LinkKeys>>, down: bool) -> (L
         cookies,
         tx: tx.clone(),
     };
-    (Link { tx, close, writer }, end)
+    let link = Link {
+        tx,
+        close,
+        writer,
+        cookies: end.cookies.clone(),
+    };
+    (link, end)
 }
 
 /// What a link's reader shares with its writer.
@@ -1540,9 +1613,18 @@ async fn write_loop(
         tracing::debug!("link writer stopped");
     }
     if let Some(k) = &out.keys {
-        k.link_closed(&out.link, wall_ms());
+        k.link_closed(&out.link);
     }
     let _ = out.wr.shutdown().await;
+    // The socket failed with answers still queued: they cannot be sent,
+    // but a write's answer spends its cookie all the same (see
+    // `LinkKeys::link_closed`). The queue ends when the node task drops
+    // the link, on the reader's close.
+    if let Some(k) = out.keys.as_ref().filter(|k| down && k.spends_cookies()) {
+        while let Some(mut m) = rx.recv().await {
+            k.reply_down(&out.link, &mut m, wall_ms());
+        }
+    }
 }
 
 /// A link's sending side: seals (or, at a relay, unpacks) each message's

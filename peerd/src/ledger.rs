@@ -30,7 +30,7 @@
 //! keeps the baked cookie's hash, to tell a retry (the same write) from a
 //! conflicting use of the same cookie.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{HashMap, VecDeque};
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -87,8 +87,13 @@ pub enum Admit {
     /// Spent on this same write: a retry (or a replay). It must not be
     /// applied again; here is its original receipt.
     Retry(Receipt),
-    /// Spent on another write, voided (its write failed or was never
-    /// answered), or in use by one not answered yet.
+    /// In use by this same write, which the node has not answered yet: a
+    /// retry that came before the original's answer (its link was lost).
+    /// The writer asks again later, and then gets the receipt or learns
+    /// that the write failed.
+    InProgress,
+    /// Spent on another write, voided (its write failed), or in use by
+    /// another write not answered yet.
     Spent,
     /// Not a cookie this node issued, or expired.
     Unknown,
@@ -103,8 +108,9 @@ struct State {
     spent: HashMap<[u8; COOKIE_VALUE_LEN], Spent>,
     /// Spent values in the order spent, to drop them once expired.
     order: VecDeque<(u64, [u8; COOKIE_VALUE_LEN])>,
-    /// Cookies of writes accepted but not answered yet.
-    pending: HashSet<[u8; COOKIE_VALUE_LEN]>,
+    /// Cookies of writes accepted but not answered yet, with the hash of
+    /// the baked cookie each was accepted on.
+    pending: HashMap<[u8; COOKIE_VALUE_LEN], [u8; 32]>,
     file: Option<(PathBuf, File)>,
     /// Entries in the file (live or not).
     in_file: usize,
@@ -166,7 +172,7 @@ impl Issuer {
             state: Mutex::new(State {
                 spent: HashMap::new(),
                 order: VecDeque::new(),
-                pending: HashSet::new(),
+                pending: HashMap::new(),
                 file: None,
                 in_file: 0,
                 appended: 0,
@@ -343,10 +349,18 @@ impl Issuer {
     /// Look up a write's (already verified) baked cookie. `Accept` marks it
     /// in use until [`Issuer::complete`].
     pub fn admit(&self, b: &BakedCookie, now_ms: u64) -> Admit {
+        let hash = baked_hash(b);
         let mut st = self.state.lock();
         if let Some(s) = st.spent.get(&b.value) {
-            return if s.baked == baked_hash(b) {
+            return if s.baked == hash {
                 Admit::Retry(self.keys.burn(b))
+            } else {
+                Admit::Spent
+            };
+        }
+        if let Some(p) = st.pending.get(&b.value) {
+            return if *p == hash {
+                Admit::InProgress
             } else {
                 Admit::Spent
             };
@@ -354,17 +368,16 @@ impl Issuer {
         if !self.issued_here(b, now_ms) {
             return Admit::Unknown;
         }
-        if !st.pending.insert(b.value) {
-            return Admit::Spent;
-        }
+        st.pending.insert(b.value, hash);
         Admit::Accept
     }
 
-    /// The write `b` authorised is answered: spend its cookie, with the
-    /// receipt if it succeeded. A failed write's cookie is voided, not
-    /// freed: a relay that kept the write must not get it applied later, so
-    /// the writer writes again with a new cookie. The spend is on disk only
-    /// after [`Issuer::sync`].
+    /// The write `b` authorised is answered (also when the link it came on
+    /// has closed meanwhile: the driver passes every answer here): spend
+    /// its cookie, with the receipt if it succeeded. A failed write's
+    /// cookie is voided, not freed: a relay that kept the write must not
+    /// get it applied later, so the writer writes again with a new cookie.
+    /// The spend is on disk only after [`Issuer::sync`].
     pub fn complete(&self, b: &BakedCookie, ok: bool, now_ms: u64) -> Option<Receipt> {
         let hash = if ok { baked_hash(b) } else { VOID };
         let recorded = self.record(b.value, b.expires_ms, hash, now_ms);
@@ -413,14 +426,6 @@ impl Issuer {
             st.appended += 1;
         }
         true
-    }
-
-    /// Void the cookies of writes whose link closed before they were
-    /// answered: whatever became of the write, it is not applied again.
-    pub fn void(&self, cookies: impl IntoIterator<Item = BakedCookie>, now_ms: u64) {
-        for b in cookies {
-            self.record(b.value, b.expires_ms, VOID, now_ms);
-        }
     }
 
     /// Make every spend so far durable. Compacts the file when it has
@@ -526,28 +531,27 @@ mod tests {
         let i = Issuer::in_memory(k.clone());
         let b = baked(&i, &k, b"one");
         assert_eq!(i.admit(&b, NOW), Admit::Accept);
-        assert_eq!(i.admit(&b, NOW), Admit::Spent, "in use until answered");
+        // A retry before the answer waits for it; another write with the
+        // same cookie is refused.
+        assert_eq!(i.admit(&b, NOW), Admit::InProgress, "in use until answered");
+        let mut other = b.clone();
+        other.digest = [1; 32];
+        assert_eq!(i.admit(&other, NOW), Admit::Spent);
         let r = i.complete(&b, true, NOW).expect("receipt");
         k.verifier().verify_receipt(&b, &r).expect("valid");
         assert_eq!(i.admit(&b, NOW), Admit::Retry(r));
         // The same cookie baked for other data is refused.
-        let mut other = b.clone();
-        other.digest = [1; 32];
         assert_eq!(i.admit(&other, NOW), Admit::Spent);
     }
 
     #[test]
-    fn a_failed_or_unanswered_write_voids_its_cookie() {
+    fn a_failed_write_voids_its_cookie() {
         let k = keys();
         let i = Issuer::in_memory(k.clone());
         let b = baked(&i, &k, b"x");
         assert_eq!(i.admit(&b, NOW), Admit::Accept);
         assert!(i.complete(&b, false, NOW).is_none());
         assert_eq!(i.admit(&b, NOW), Admit::Spent, "no receipt, not again");
-        let c = baked(&i, &k, b"y");
-        assert_eq!(i.admit(&c, NOW), Admit::Accept);
-        i.void([c.clone()], NOW);
-        assert_eq!(i.admit(&c, NOW), Admit::Spent);
     }
 
     #[test]
@@ -726,7 +730,9 @@ mod tests {
     /// What a sequence of writers, a replaying relay and restarts can do
     /// to a ledger on a file: each cookie is accepted at most once, a
     /// receipt comes only for a write that succeeded (and always the same
-    /// one), and a voided or failed cookie is never accepted again.
+    /// one), a retry of a write not answered yet is told to wait (also
+    /// after its link closed: the answer still comes), and a failed
+    /// write's cookie is never accepted again.
     mod model {
         use super::*;
         use proptest::prelude::*;
@@ -737,8 +743,6 @@ mod tests {
             Write,
             /// The node answers write `i` (ok or not).
             Answer(usize, bool),
-            /// The link of write `i` closes before its answer.
-            Close(usize),
             /// A relay sends write `i` again, as captured.
             Replay(usize),
             /// The same cookie baked for other data.
@@ -751,7 +755,6 @@ mod tests {
             prop_oneof![
                 3 => Just(Op::Write),
                 3 => (0..16usize, any::<bool>()).prop_map(|(i, ok)| Op::Answer(i, ok)),
-                1 => (0..16usize).prop_map(Op::Close),
                 3 => (0..16usize).prop_map(Op::Replay),
                 1 => (0..16usize).prop_map(Op::Reuse),
                 1 => Just(Op::Restart),
@@ -794,18 +797,12 @@ mod tests {
                             *receipt = r;
                             i.sync().expect("sync");
                         }
-                        Op::Close(w) => {
-                            let Some((b, fate, _)) = writes.get_mut(w) else { continue };
-                            if *fate != Fate::InFlight { continue; }
-                            i.void([b.clone()], NOW);
-                            *fate = Fate::Lost;
-                            i.sync().expect("sync");
-                        }
                         Op::Replay(w) => {
                             let Some((b, fate, receipt)) = writes.get(w) else { continue };
                             let got = i.admit(b, NOW);
                             match fate {
                                 Fate::Done => prop_assert_eq!(got, Admit::Retry(receipt.clone().expect("receipt"))),
+                                Fate::InFlight => prop_assert_eq!(got, Admit::InProgress),
                                 // Never applied again (Unknown: in flight
                                 // at a restart).
                                 _ => prop_assert!(matches!(got, Admit::Spent | Admit::Unknown), "{:?}", got),

@@ -103,6 +103,10 @@ enum Attack {
     Keep(u64),
     /// Withhold cookies: strip them from replies, drop GET_COOKIES answers.
     StarveCookies,
+    /// Pass the next write (a message with a cookie) on, then close the
+    /// connection both ways at once: the parent gets the write, and its
+    /// answer never reaches the child.
+    CutAfterWrite,
     /// Serve the kept record (an older valid version) in place of newer
     /// ones of its chunk, with its own old grant or with the new one.
     OldVersion {
@@ -269,6 +273,14 @@ async fn pump(
                 if wr.lock().await.write_all(&out).await.is_err() {
                     return;
                 }
+            }
+            if a == Attack::CutAfterWrite && m.params.cookie.is_some() {
+                // Once. Both peers see the connection end; the other pump
+                // stops when its read fails.
+                *attack.lock() = Attack::Pass;
+                let _ = wr.lock().await.shutdown().await;
+                let _ = back.lock().await.shutdown().await;
+                return;
             }
         }
         match rd.read_buf(&mut buf).await {
@@ -815,6 +827,87 @@ async fn a_replayed_write_is_refused() {
     verifier
         .verify_receipt(&baked, &receipt)
         .expect("the original receipt");
+}
+
+/// The relay's link to the root is lost after a write went up and before
+/// the root's answer came back. The root still spends the write's cookie
+/// with the write's outcome, so the write retried later (the writer's
+/// record and baked cookie, re-sent through the relay on a new connection)
+/// gets COOKIE_SPENT with the original receipt, through the relay, and is
+/// not applied again over a newer write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_retried_after_its_link_was_lost_gets_its_receipt() {
+    let t = tree(1).await;
+    let h = t.leaves[0].handle();
+    t.above_relay.attack_up(Attack::CutAfterWrite);
+    let a = pattern(0x61, CHUNK as usize);
+    // Fails (or not) with the link; the point is what the root did.
+    let _ = within("write a", h.write(5, 0, a.clone(), true)).await;
+    let sent = t.below_relay[0]
+        .writes
+        .lock()
+        .last()
+        .cloned()
+        .expect("the leaf's write, captured");
+    // The tree heals: the relay dials the root again, the leaf the relay.
+    let b = pattern(0x62, CHUNK as usize);
+    let mut wrote = false;
+    for _ in 0..100 {
+        if within("write b", h.write(5, 0, b.clone(), true))
+            .await
+            .is_ok()
+        {
+            wrote = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert!(wrote, "the tree did not heal");
+    assert!(t.above_relay.conns.load(Ordering::Relaxed) >= 2);
+    assert_eq!(origin_bytes(&t.dir, 5), b.to_vec());
+
+    // The retry, on the leaf's new connection, on an XID the leaf does
+    // not use. Until the root has answered the original it is told to
+    // wait (IN_RECOVERY); so ask until COOKIE_SPENT comes.
+    let mut retry = sent.clone();
+    retry.header.xid = 0x7F00_0001;
+    let mut answer = None;
+    for _ in 0..100 {
+        t.below_relay[0].replay_up(&retry).await;
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        answer = t.below_relay[0]
+            .spent
+            .lock()
+            .iter()
+            .find(|m| m.header.xid == retry.header.xid)
+            .cloned();
+        if answer.is_some() {
+            break;
+        }
+    }
+    let answer = answer.expect("the retry was answered COOKIE_SPENT");
+    let verifier = canopy_keys::Verifier::load(&t.dir.join("keys/vol.verify")).unwrap();
+    let baked = canopy_keys::BakedCookie::decode(sent.params.cookie.as_ref().unwrap()).unwrap();
+    let receipt = canopy_keys::Receipt::decode(
+        answer
+            .params
+            .receipt
+            .as_ref()
+            .expect("the original receipt, passed down by the relay"),
+    )
+    .unwrap();
+    verifier
+        .verify_receipt(&baked, &receipt)
+        .expect("the original receipt");
+    // The write was applied once: the retry did not land over b.
+    assert_eq!(
+        origin_bytes(&t.dir, 5),
+        b.to_vec(),
+        "the retry landed again"
+    );
+    assert!(cookies(&t.root).await.replays_refused >= 1);
+    let seen = read_eventually(&h, 5).await.expect("read");
+    assert_eq!(seen, b);
 }
 
 /// A relay forges the receipt of a write: the writer refuses the
