@@ -99,7 +99,9 @@ impl Node {
             let up = e.up.take();
             let from_head = e.queue.front().map(|p| p.from.clone());
             self.drop_copy(*chunk);
-            if up.is_some() {
+            if self.hold_put(*chunk, up, now) {
+                // Its PUT goes again once reconnected (`retry.rs`).
+            } else if up.is_some() {
                 if let Some(from) = from_head {
                     self.answer(&from, Err(Status::ParentUnavailable));
                 }
@@ -286,6 +288,8 @@ impl Node {
             ..m
         };
         self.release_waiting_connects(now);
+        // PUTs whose answers were lost with the last parent go again.
+        self.resend_puts(now);
         let waiting = std::mem::take(&mut self.waiting_local);
         for (id, op) in waiting {
             if self.is_ready() {
@@ -318,6 +322,17 @@ impl Node {
             return;
         }
         e.up = None;
+        if !ok && kind == UpKind::Put && m.params.status == Some(Status::InRecovery) {
+            // A re-sent PUT whose first attempt is still being applied
+            // above: ask again shortly (`retry.rs`).
+            if self.put_in_recovery(chunk, xid, now) {
+                return;
+            }
+        }
+        let Some(e) = self.table.get_mut(&chunk) else {
+            return;
+        };
+        e.sent_put = None;
         if !ok {
             // `flush_up` cleared `dirty` when it sent our copy, but a refused
             // FLUSH may not have stored it. While we still hold WRITE our copy

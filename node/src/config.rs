@@ -101,6 +101,12 @@ pub struct NodeConfig {
     /// to its parent first, and dirty data a child gives back goes up
     /// before anything else is served on the chunk (see `node.rs`).
     pub relay: Option<usize>,
+    /// Send a full-chunk PUT again, flagged RECOVERY_OP, when its answer
+    /// was lost with the parent, instead of failing its write (`retry.rs`).
+    /// Only for a driver whose links make a re-send exactly-once (write
+    /// cookies on a volume with keys): otherwise a write applied before
+    /// the loss could land again over a newer one. Off by default.
+    pub retry_writes: bool,
 }
 
 impl NodeConfig {
@@ -121,6 +127,7 @@ impl NodeConfig {
             publish_reads: false,
             volume_key: None,
             relay: None,
+            retry_writes: false,
         }
     }
 }

@@ -135,6 +135,9 @@ pub(crate) struct Entry {
     /// Root only: children to PUSH this chunk to (read-ahead) once its
     /// origin read completes.
     pub push_waiters: Vec<ChildId>,
+    /// The PUT in flight for the head request, kept to send again if its
+    /// answer is lost with the parent (`retry.rs`).
+    pub sent_put: Option<crate::retry::SentPut>,
 }
 
 impl Entry {

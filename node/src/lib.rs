@@ -24,6 +24,7 @@ mod durable;
 mod entry;
 mod local;
 mod node;
+mod retry;
 mod server;
 mod store;
 mod timers;

@@ -114,6 +114,10 @@ pub struct NodeStats {
     /// Children dropped for missing their HEARTBEATs (3 × HB_TTL silent).
     #[serde(default)]
     pub children_silent: u64,
+    /// PUTs sent again after their answer was lost with the parent, or
+    /// after IN_RECOVERY (`NodeConfig::retry_writes`).
+    #[serde(default)]
+    pub puts_resent: u64,
 }
 
 /// What an XID we sent stands for.
@@ -212,6 +216,8 @@ pub struct Node {
     pub(crate) stats: NodeStats,
     /// Chunks to send ahead of a sequential reader with PUSH.
     pub(crate) push_ahead: u32,
+    /// Chunks whose PUT waits to be sent again (`retry.rs`).
+    pub(crate) resend: BTreeSet<u64>,
 }
 
 impl Node {
@@ -275,6 +281,7 @@ impl Node {
             next_sync: None,
             stats: NodeStats::default(),
             push_ahead: 0,
+            resend: BTreeSet::new(),
         }
     }
 
@@ -1167,6 +1174,9 @@ impl Node {
         m.params.data = data;
         if let Some(e) = self.table.get_mut(&chunk) {
             e.up = Some((xid, kind));
+        }
+        if kind == UpKind::Put {
+            self.keep_put(chunk, &m);
         }
         self.stats.parent_requests += 1;
         self.send_parent(m);

@@ -19,6 +19,7 @@ impl Node {
             }
         };
         consider(self.next_heartbeat);
+        consider(self.next_resend());
         if !self.dirty.is_empty() {
             consider(self.next_sync);
         }
@@ -34,6 +35,9 @@ impl Node {
         self.heartbeat_due(now);
         self.children_silence(now);
         self.sync_daemon(now);
+        if !self.resend.is_empty() {
+            self.resend_puts(now);
+        }
     }
 
     fn heartbeat_due(&mut self, now: Millis) {

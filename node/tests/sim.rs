@@ -35,11 +35,19 @@
 //! another value stale), a failed flush claims nothing, and a lock whose
 //! path broke is void (see `check_locks`). At the end every link is up.
 //!
+//! Re-sent writes: on half the seeds trusted nodes send a full-chunk PUT
+//! again (RECOVERY_OP) when its answer was lost with their parent, instead
+//! of failing its write, as they do on a volume with keys. What makes that
+//! safe is the drivers' write cookies, outside the node; `CookieModel`
+//! models them, so a re-send of a write already applied is answered from
+//! the spending node's reply cache and never applied twice, which (ii)
+//! would catch as a read going back in time.
+//!
 //! `SIM_SEEDS=N` runs N seeds from `SIM_FIRST` (default 0; N defaults to
 //! 3000); `SIM_SEED=S` replays one
 //! seed and prints its trace. A failure names its seed.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -47,7 +55,7 @@ use canopy_cache::Backing;
 use canopy_node::{
     Action, ChildId, LocalId, LocalOp, LocalReply, Node, NodeConfig, Role, WriteMode,
 };
-use canopy_proto::{decode, encode_to_vec, Message, Perm};
+use canopy_proto::{decode, encode_to_vec, Flags, Message, Opcode, Perm, Status};
 
 const CHUNK: usize = 16;
 const CHUNKS: u64 = 5;
@@ -244,6 +252,56 @@ struct Sim {
     relays: Vec<bool>,
     /// Records that crossed a hop to or from a relay.
     relayed: usize,
+    /// The drivers' write cookies, as far as re-sent writes need them.
+    cookies: CookieModel,
+}
+
+/// What the drivers' write cookies (peerd's `cookie.rs` and `ledger.rs`)
+/// do for a PUT that a node sends again after losing its answer
+/// (`NodeConfig::retry_writes`): the re-send carries the first send's
+/// cookie, and the first trusted node above spends each cookie once.
+/// A cookie here is a number, carried in the message's COOKIE parameter.
+/// - A trusted writer keeps each write request's cookie by chunk until it
+///   is answered; a RECOVERY_OP re-send of the same version and data takes
+///   it again (else a new one).
+/// - A relay keeps the cookie that came with a record and sends it up
+///   with that record; a COOKIE_SPENT receipt it gets goes down with its
+///   refusal to the child that sent the record.
+/// - The spending node answers in its node's place: a cookie spent on a
+///   write it answered OK gets COOKIE_SPENT with a receipt (the writer
+///   takes it as an OK that grants nothing), one whose write failed
+///   COOKIE_SPENT alone, one whose write is not answered yet IN_RECOVERY.
+///   Its node's answer spends the cookie even when the child is gone.
+#[derive(Default)]
+struct CookieModel {
+    next: u64,
+    /// Per node: write requests sent up and not answered, by chunk.
+    retained: Vec<HashMap<u64, Kept>>,
+    /// Per node: write requests in flight on its parent link, by XID:
+    /// (chunk, cookie).
+    inflight: Vec<HashMap<u32, (u64, u64)>>,
+    /// What the spending nodes know of each cookie.
+    ledger: HashMap<u64, Spend>,
+    /// Writes admitted and not answered yet: (node, connection, XID).
+    pending: HashMap<(usize, ChildId, u32), u64>,
+    /// A relay's cookies by record: (relay, chunk, record).
+    relay_baked: HashMap<(usize, u64, Bytes), u64>,
+    /// A relay's write requests in flight up: (relay, XID) → record key.
+    relay_up: HashMap<(usize, u32), (u64, Bytes)>,
+    /// A relay's children's write requests: (relay, connection, XID).
+    relay_in: HashMap<(usize, ChildId, u32), (u64, Bytes)>,
+    /// Receipts that came to a relay with COOKIE_SPENT, by record key.
+    relay_receipts: HashSet<(usize, u64, Bytes)>,
+}
+
+/// A write request kept by its writer's link: (version, data, cookie).
+type Kept = (Option<u64>, Bytes, u64);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Spend {
+    Pending,
+    Done,
+    Failed,
 }
 
 /// Something the scheduler can make happen next.
@@ -295,6 +353,11 @@ impl Sim {
         let relays: Vec<bool> = (0..names.len())
             .map(|i| parent[i].is_some() && !leaves.contains(&i) && rrng.chance(25))
             .collect();
+        // Half the seeds have trusted nodes send a PUT again when its
+        // answer was lost with their parent (as on a volume with keys,
+        // whose cookies make that exactly-once; `CookieModel`), its own
+        // stream so the others replay.
+        let retry_writes = Rng::new(seed ^ 0x00ee_5e4d_a6a1).chance(50);
         let origin = MemOrigin::new();
         let mut nodes = Vec::new();
         let mut modes = Vec::new();
@@ -325,6 +388,7 @@ impl Sim {
             }
             cfg.connect_lazily = !leaves.contains(&i);
             cfg.publish_reads = publishing[i];
+            cfg.retry_writes = retry_writes && !relays[i];
             if let Some(dir) = &cache_dir {
                 let size = (1 + crng.below(4)) * CHUNK as u64;
                 cfg.cache_disk = vec![(dir.path().join(format!("{i}.cache")), size)];
@@ -386,6 +450,11 @@ impl Sim {
             root_version: HashMap::new(),
             relays,
             relayed: 0,
+            cookies: CookieModel {
+                retained: vec![HashMap::new(); count],
+                inflight: vec![HashMap::new(); count],
+                ..CookieModel::default()
+            },
         };
         for i in 1..count {
             sim.nodes[i].parent_up(sim.now);
@@ -403,7 +472,7 @@ impl Sim {
         while let Some(a) = self.nodes[i].poll_action() {
             match a {
                 Action::ToParent(m) => {
-                    let m = roundtrip(m);
+                    let m = roundtrip(self.cookie_up(i, m));
                     if self.down_until[i].is_some() {
                         // No link: the driver drops it too.
                         if self.verbose {
@@ -421,6 +490,7 @@ impl Sim {
                 }
                 Action::ToChild(c, m) => {
                     let m = roundtrip(m);
+                    self.cookie_answered(i, c, &m);
                     let Some(j) = self.child_of(i, c) else {
                         // A connection that is gone: dropped, as the driver does.
                         if !self.faults {
@@ -566,6 +636,10 @@ impl Sim {
         let p = self.parent[i].expect("the root has no link to break");
         self.breaks += 1;
         self.up[i].clear();
+        // The link's own record of writes in flight dies with it; what a
+        // node keeps (retained writes, a relay's cookies) does not.
+        self.cookies.inflight[i].clear();
+        self.cookies.relay_up.retain(|(r, _), _| *r != i);
         self.down[i].clear();
         self.down_until[i] = Some(self.step + 20 + self.frng.below(200));
         if self.verbose {
@@ -1044,14 +1118,167 @@ impl Sim {
         if upward {
             if let Some(m) = self.up[i].pop_front() {
                 let m = self.hop(i, p, m);
-                self.nodes[p].handle_child(self.conn[i], m, self.now);
-                self.drain(p);
+                if let Some(m) = self.cookie_admit(i, p, m) {
+                    self.nodes[p].handle_child(self.conn[i], m, self.now);
+                    self.drain(p);
+                }
             }
         } else if let Some(m) = self.down[i].pop_front() {
             let m = self.hop(p, i, m);
+            let m = self.cookie_down(i, p, m);
             self.nodes[i].handle_parent(m, self.now);
             self.drain(i);
         }
+    }
+
+    /// A write request going up from `i` gets its cookie (`CookieModel`).
+    fn cookie_up(&mut self, i: usize, mut m: Message) -> Message {
+        if m.header.opcode != Opcode::IoRequest {
+            return m;
+        }
+        let (Some(chunk), Some(data)) = (m.params.block_num, m.params.data.clone()) else {
+            return m;
+        };
+        let c = &mut self.cookies;
+        let id = if self.relays[i] {
+            let Some(&id) = c.relay_baked.get(&(i, chunk, data.clone())) else {
+                return m;
+            };
+            c.relay_up.insert((i, m.header.xid), (chunk, data));
+            id
+        } else {
+            let again = m.header.flags.contains(Flags::RECOVERY_OP);
+            let kept = c.retained[i]
+                .get(&chunk)
+                .filter(|(v, d, _)| again && *v == m.params.version && *d == data)
+                .map(|k| k.2);
+            // The node re-sends only a PUT it sent (while connected: the
+            // driver's link had it), with the same version and data: a
+            // re-send the link cannot match would go with a new cookie and
+            // could be applied twice.
+            if again && kept.is_none() {
+                self.fail(format!(
+                    "{} re-sent a write it never sent: {m}",
+                    self.names[i]
+                ));
+            }
+            let c = &mut self.cookies;
+            let id = kept.unwrap_or_else(|| {
+                c.next += 1;
+                c.next
+            });
+            c.retained[i].insert(chunk, (m.params.version, data, id));
+            c.inflight[i].insert(m.header.xid, (chunk, id));
+            id
+        };
+        m.params.cookie = Some(Bytes::copy_from_slice(&id.to_le_bytes()));
+        m
+    }
+
+    /// A write request from child `i` reaches `p`: a relay keeps its
+    /// cookie; a trusted node spends it, answering a re-send of a write it
+    /// has seen in its node's place (None: not delivered).
+    fn cookie_admit(&mut self, i: usize, p: usize, mut m: Message) -> Option<Message> {
+        let Some(cookie) = m.params.cookie.take() else {
+            return Some(m);
+        };
+        let (Some(chunk), Some(data)) = (m.params.block_num, m.params.data.clone()) else {
+            return Some(m);
+        };
+        let Ok(raw) = <[u8; 8]>::try_from(&cookie[..]) else {
+            self.fail(format!("a malformed model cookie: {m}"));
+        };
+        let id = u64::from_le_bytes(raw);
+        let xid = m.header.xid;
+        let c = &mut self.cookies;
+        if self.relays[p] {
+            c.relay_baked.insert((p, chunk, data.clone()), id);
+            c.relay_in.insert((p, self.conn[i], xid), (chunk, data));
+            return Some(m);
+        }
+        let answer = match c.ledger.get(&id) {
+            None => {
+                c.ledger.insert(id, Spend::Pending);
+                c.pending.insert((p, self.conn[i], xid), id);
+                return Some(m);
+            }
+            Some(Spend::Done) => {
+                let mut r = Message::err_reply(xid, Status::CookieSpent);
+                r.params.receipt = Some(cookie);
+                r
+            }
+            Some(Spend::Failed) => Message::err_reply(xid, Status::CookieSpent),
+            Some(Spend::Pending) => Message::err_reply(xid, Status::InRecovery),
+        };
+        if self.verbose {
+            println!(
+                "{:>5} {} cookie layer answers {}: {answer}",
+                self.step, self.names[p], self.names[i]
+            );
+        }
+        self.down[i].push_back(roundtrip(answer));
+        None
+    }
+
+    /// Node `i` answers child connection `c`: a write admitted on it is
+    /// spent with the answer's outcome, also if the child is gone.
+    fn cookie_answered(&mut self, i: usize, c: ChildId, m: &Message) {
+        if !m.header.opcode.is_reply() {
+            return;
+        }
+        if let Some(id) = self.cookies.pending.remove(&(i, c, m.header.xid)) {
+            let spend = if m.header.opcode == Opcode::OkReply {
+                Spend::Done
+            } else {
+                Spend::Failed
+            };
+            self.cookies.ledger.insert(id, spend);
+        }
+    }
+
+    /// A reply from `p` reaches `i`: a relay passes a receipt down with a
+    /// COOKIE_SPENT refusal, and a trusted writer takes COOKIE_SPENT with
+    /// a receipt as an OK that grants nothing.
+    fn cookie_down(&mut self, i: usize, p: usize, mut m: Message) -> Message {
+        if !m.header.opcode.is_reply() {
+            return m;
+        }
+        let xid = m.header.xid;
+        let spent = m.params.status == Some(Status::CookieSpent);
+        let c = &mut self.cookies;
+        if self.relays[p] {
+            if let Some((chunk, rec)) = c.relay_in.remove(&(p, self.conn[i], xid)) {
+                if spent && c.relay_receipts.remove(&(p, chunk, rec)) {
+                    m.params.receipt = Some(Bytes::from_static(b"receipt"));
+                }
+            }
+        }
+        let receipt = m.params.receipt.take().is_some();
+        if self.relays[i] {
+            if let Some((chunk, rec)) = c.relay_up.remove(&(i, xid)) {
+                c.relay_baked.remove(&(i, chunk, rec.clone()));
+                if spent && receipt {
+                    c.relay_receipts.insert((i, chunk, rec));
+                }
+            }
+            return m;
+        }
+        let Some((chunk, id)) = c.inflight[i].remove(&xid) else {
+            return m;
+        };
+        if m.params.status != Some(Status::InRecovery)
+            && c.retained[i].get(&chunk).is_some_and(|k| k.2 == id)
+        {
+            c.retained[i].remove(&chunk);
+        }
+        if spent && receipt {
+            let mut ok = Message::new(Opcode::OkReply, xid);
+            ok.params.volume_id = m.params.volume_id;
+            ok.params.block_num = Some(chunk);
+            ok.params.permissions = Some(Perm::No);
+            return ok;
+        }
+        m
     }
 
     /// What the drivers do to chunk data between `from` and `to` when

@@ -62,6 +62,9 @@ pub const PER_REPLY: usize = 2;
 const POOL_MAX: usize = 1024;
 /// The most writes a relay tracks between their cookie and their receipt.
 const RELAY_WRITES_MAX: usize = 4096;
+/// Retained writes (`Cookies::retained`) past which each new one first
+/// drops those whose cookies expired.
+const RETAINED_SWEEP: usize = 256;
 /// How long a parent link waits for a GET_COOKIES answer before asking
 /// again.
 pub const ASK_AGAIN: Duration = Duration::from_secs(1);
@@ -92,6 +95,14 @@ pub struct CookieStats {
     pub cookies_bad: u64,
     /// Waits (of up to `ASK_AGAIN` each) of parked writes for cookies.
     pub pool_waits: u64,
+    /// Writes sent up again (their answer was lost with a parent) with the
+    /// record and cookie they first went with.
+    #[serde(default)]
+    pub resent: u64,
+    /// COOKIE_SPENT answers with a valid receipt: writes that were applied
+    /// before, answered from the spending node's reply cache, taken as done.
+    #[serde(default)]
+    pub receipts_from_cache: u64,
     /// Cookies in the pool now.
     pub pool: u64,
 }
@@ -108,6 +119,8 @@ struct Counters {
     receipts_bad: AtomicU64,
     cookies_bad: AtomicU64,
     pool_waits: AtomicU64,
+    resent: AtomicU64,
+    receipts_from_cache: AtomicU64,
 }
 
 fn bump(c: &AtomicU64, n: u64) {
@@ -126,7 +139,22 @@ pub struct Cookies {
     /// record (by record digest), then the receipt that came back.
     relay_baked: Mutex<Bounded<BakedCookie>>,
     relay_receipts: Mutex<Bounded<Bytes>>,
+    /// A trusted writer's write requests sent up and not answered yet, by
+    /// chunk (the node has one in flight per chunk): kept across a parent
+    /// loss for the node's re-send (`LinkKeys::resend_up`).
+    retained: Mutex<HashMap<u64, Retained>>,
     counters: Counters,
+}
+
+/// A write request as it went up: sealed, with its baked cookie.
+struct Retained {
+    /// The plaintext and version it was sealed from, to know the node's
+    /// re-send for the same write.
+    plain: Bytes,
+    version: Option<u64>,
+    /// The message as framed (sealed record, cookie), and its cookie.
+    sealed: Message,
+    baked: BakedCookie,
 }
 
 /// A map by record digest that forgets its oldest entries past
@@ -294,6 +322,8 @@ impl Cookies {
             cookies_bad: g(&c.cookies_bad),
             pool_waits: g(&c.pool_waits),
             pool: self.pool.lock().len() as u64,
+            resent: g(&c.resent),
+            receipts_from_cache: g(&c.receipts_from_cache),
         }
     }
 
@@ -354,11 +384,15 @@ impl LinkKeys {
     /// cookie. `Err` when a trusted node's pool is empty: the caller parks
     /// the write (and what follows it), asks for cookies, and calls again
     /// when they come.
+    /// `plain`: the write's plaintext, for a write request (kept with the
+    /// sealed message and cookie until the write is answered, so that the
+    /// node's re-send of it after a parent loss goes with the same ones).
     pub fn bake_up(
         &self,
         link: &LinkCookies,
         m: &mut Message,
         rec: &SealedRecord,
+        plain: Option<&Bytes>,
     ) -> Result<(), NoCookie> {
         let c = &self.cookies;
         let track = m.header.opcode == Opcode::IoRequest;
@@ -373,6 +407,9 @@ impl LinkKeys {
                     }
                 };
                 m.params.cookie = Some(Bytes::copy_from_slice(&baked.encode()));
+                if let (true, Some(p)) = (track, plain) {
+                    self.retain(m, p, &baked);
+                }
                 if track {
                     link.inflight
                         .lock()
@@ -405,6 +442,63 @@ impl LinkKeys {
         Ok(())
     }
 
+    /// Keep a write request as sent (see `Cookies::retained`). Entries of
+    /// writes never answered nor re-sent go once their cookie expires.
+    fn retain(&self, m: &Message, plain: &Bytes, baked: &BakedCookie) {
+        let Some(chunk) = m.params.block_num else {
+            return;
+        };
+        let now = wall_ms();
+        let mut r = self.cookies.retained.lock();
+        // Answered writes leave at once; this sweep is for the rest, and
+        // runs only once they are many (a writer has ~queue depth in flight).
+        if r.len() >= RETAINED_SWEEP {
+            r.retain(|_, w| w.baked.expires_ms > now);
+        }
+        r.insert(
+            chunk,
+            Retained {
+                plain: plain.clone(),
+                version: m.params.version,
+                sealed: m.clone(),
+                baked: baked.clone(),
+            },
+        );
+    }
+
+    /// On the parent link, the node's re-send (RECOVERY_OP) of a write
+    /// whose answer was lost: the message as it first went, sealed, with
+    /// its first cookie, on the re-send's XID. None when this write never
+    /// went up with a cookie (it was waiting for one when the link was
+    /// lost): it is then sealed and baked afresh, as a first send.
+    pub fn resend_up(&self, link: &LinkCookies, m: &Message) -> Option<Message> {
+        let chunk = m.params.block_num?;
+        let plain = m.params.data.as_ref()?;
+        let r = self.cookies.retained.lock();
+        let w = r.get(&chunk)?;
+        // The same write: same plaintext under the same version (a newer
+        // write of the chunk would have replaced the entry anyway).
+        if w.plain != *plain || w.version != m.params.version {
+            return None;
+        }
+        let mut again = w.sealed.clone();
+        again.header = m.header.clone();
+        again.params.volume_id = m.params.volume_id;
+        link.inflight
+            .lock()
+            .insert(m.header.xid, Inflight::Baked(w.baked.clone()));
+        bump(&self.cookies.counters.resent, 1);
+        Some(again)
+    }
+
+    /// A write's answer came: it is no longer kept for a re-send.
+    fn answered(&self, b: &BakedCookie) {
+        let mut r = self.cookies.retained.lock();
+        if r.get(&b.chunk).is_some_and(|w| w.baked.value == b.value) {
+            r.remove(&b.chunk);
+        }
+    }
+
     /// On the parent link, a message from the parent: pool its cookies,
     /// consume a GET_COOKIES answer, and check the receipt of a write's
     /// reply (`Err`: missing or forged, to be refused).
@@ -423,6 +517,16 @@ impl LinkKeys {
         let Some(w) = link.inflight.lock().remove(&m.header.xid) else {
             return Ok(Delivery::Deliver);
         };
+        if let Inflight::Baked(b) = &w {
+            // IN_RECOVERY: the first attempt is still being applied above,
+            // and the node asks again with the same record and cookie.
+            if m.params.status != Some(Status::InRecovery) {
+                self.answered(b);
+            }
+            if m.params.status == Some(Status::CookieSpent) && m.params.receipt.is_some() {
+                return self.spent_with_receipt(b, m);
+            }
+        }
         if m.header.opcode == Opcode::ErrReply {
             if m.params.status == Some(Status::NoPermission)
                 && m.params.err_param == Some(ParamType::Cookie as u16)
@@ -475,6 +579,34 @@ impl LinkKeys {
                 Err(e)
             }
         }
+    }
+
+    /// COOKIE_SPENT with a receipt, for our write `b`: the write was
+    /// applied before (this is a re-send, answered from the spending
+    /// node's reply cache). With a valid receipt it is done: the node gets
+    /// an OK that grants nothing (it holds no permission on the chunk
+    /// since the loss, and the write's data is above). A forged one fails
+    /// the write like a forged receipt on an OK.
+    fn spent_with_receipt(&self, b: &BakedCookie, m: &mut Message) -> Result<Delivery, SealFault> {
+        let c = &self.cookies;
+        let valid = m
+            .params
+            .receipt
+            .as_ref()
+            .and_then(|r| Receipt::decode(r).ok())
+            .is_some_and(|r| self.verifier().verify_receipt(b, &r).is_ok());
+        if !valid {
+            bump(&c.counters.receipts_bad, 1);
+            return Err(SealFault::Receipt("forged"));
+        }
+        bump(&c.counters.receipts_ok, 1);
+        bump(&c.counters.receipts_from_cache, 1);
+        let mut ok = Message::new(Opcode::OkReply, m.header.xid);
+        ok.params.volume_id = m.params.volume_id;
+        ok.params.block_num = Some(b.chunk);
+        ok.params.permissions = Some(Perm::No);
+        *m = ok;
+        Ok(Delivery::Deliver)
     }
 
     /// On a child link, a write from the child whose record checked
@@ -697,6 +829,13 @@ impl LinkKeys {
     }
 }
 
+/// Milliseconds since the epoch (cookie expiries are wall-clock times).
+pub(crate) fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
 /// A trusted node has no cookie to bake for a write yet.
 #[derive(Debug)]
 pub struct NoCookie;
@@ -736,7 +875,7 @@ mod tests {
         let k = Arc::new(TrustedKeys::generate("vol").expect("keys"));
         let writer = LinkKeys::trusted(k.clone());
         let root = LinkKeys::trusted(k.clone());
-        let now = wall_now();
+        let now = wall_ms();
         writer.cookies.add(&root.fresh(4, now));
 
         let mut m = Message::new(Opcode::IoRequest, 7);
@@ -746,7 +885,9 @@ mod tests {
         m.params.data = Some(Bytes::from(vec![0xAB; 4096]));
         let rec = writer.outgoing(&mut m).expect("seal").expect("record");
         let wlink = LinkCookies::default();
-        writer.bake_up(&wlink, &mut m, &rec).expect("a cookie");
+        writer
+            .bake_up(&wlink, &mut m, &rec, None)
+            .expect("a cookie");
         let baked = BakedCookie::decode(m.params.cookie.as_ref().expect("baked")).expect("decode");
 
         let arrive = |m: &Message| {
@@ -793,10 +934,91 @@ mod tests {
         );
     }
 
-    fn wall_now() -> u64 {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64)
+    /// The writer's side of a re-send: the node's RECOVERY_OP write goes
+    /// with the first send's record and cookie (another write does not),
+    /// and COOKIE_SPENT with that write's receipt reaches the node as an
+    /// OK that grants nothing; with a forged receipt it is refused.
+    #[test]
+    fn a_resent_write_goes_as_it_first_went() {
+        use canopy_keys::TrustedKeys;
+        use canopy_proto::{Flags, IoOp};
+        use std::sync::Arc;
+
+        let k = Arc::new(TrustedKeys::generate("vol").expect("keys"));
+        let writer = LinkKeys::trusted(k.clone());
+        let root = LinkKeys::trusted(k.clone());
+        writer.cookies.add(&root.fresh(4, wall_ms()));
+        let put = |xid: u32, byte: u8| {
+            let mut m = Message::new(Opcode::IoRequest, xid);
+            m.params.io_op = Some(IoOp::Put);
+            m.params.block_num = Some(3);
+            m.params.version = Some(9);
+            m.params.data = Some(Bytes::from(vec![byte; 4096]));
+            m
+        };
+        // First send, on a link that is then lost.
+        let node_msg = put(7, 0xAB);
+        let mut first = node_msg.clone();
+        let plain = first.params.data.clone();
+        let rec = writer.outgoing(&mut first).expect("seal").expect("record");
+        writer
+            .bake_up(&LinkCookies::default(), &mut first, &rec, plain.as_ref())
+            .expect("a cookie");
+
+        // The node's re-send, on a new link.
+        let link = LinkCookies::default();
+        let mut again = node_msg.clone();
+        again.header.xid = 8;
+        again.header.flags = again.header.flags.with(Flags::RECOVERY_OP);
+        let sent = writer.resend_up(&link, &again).expect("the same write");
+        assert_eq!(sent.header.xid, 8);
+        assert!(sent.header.flags.contains(Flags::RECOVERY_OP));
+        assert_eq!(sent.params.data, first.params.data, "the same record");
+        assert_eq!(sent.params.cookie, first.params.cookie, "the same cookie");
+        let mut other = put(9, 0xCD);
+        other.header.flags = other.header.flags.with(Flags::RECOVERY_OP);
+        assert!(writer.resend_up(&link, &other).is_none(), "another write");
+        assert_eq!(writer.cookie_stats().resent, 1);
+
+        // Answered from the reply cache with the true receipt: an OK that
+        // grants nothing, and the write is no longer kept.
+        let baked = BakedCookie::decode(sent.params.cookie.as_ref().expect("cookie")).expect("ok");
+        let receipt = k.burn(&baked).encode();
+        let mut spent = Message::err_reply(8, Status::CookieSpent);
+        spent.params.receipt = Some(Bytes::copy_from_slice(&receipt));
+        assert_eq!(
+            writer.reply_up(&link, &mut spent).ok(),
+            Some(Delivery::Deliver)
+        );
+        assert_eq!(spent.header.opcode, Opcode::OkReply);
+        assert_eq!(spent.params.permissions, Some(Perm::No));
+        assert_eq!(spent.params.block_num, Some(3));
+        assert_eq!(writer.cookie_stats().receipts_from_cache, 1);
+        assert!(
+            writer.resend_up(&link, &again).is_none(),
+            "answered: forgotten"
+        );
+
+        // Another write, whose re-send gets a forged receipt: refused, as
+        // a forged receipt on an OK is (the write fails).
+        let mut first = put(10, 0xEF);
+        first.params.block_num = Some(4);
+        let plain = first.params.data.clone();
+        let rec = writer.outgoing(&mut first).expect("seal").expect("record");
+        writer
+            .bake_up(&LinkCookies::default(), &mut first, &rec, plain.as_ref())
+            .expect("a cookie");
+        let mut again = put(11, 0xEF);
+        again.params.block_num = Some(4);
+        again.header.flags = again.header.flags.with(Flags::RECOVERY_OP);
+        writer.resend_up(&link, &again).expect("kept");
+        let mut forged = Message::err_reply(11, Status::CookieSpent);
+        let mut bad = receipt.to_vec();
+        bad[5] ^= 1;
+        forged.params.receipt = Some(Bytes::from(bad));
+        assert!(writer.reply_up(&link, &mut forged).is_err());
+        let s = writer.cookie_stats();
+        assert_eq!((s.receipts_bad, s.receipts_from_cache, s.resent), (1, 1, 2));
     }
 
     #[test]

@@ -49,7 +49,7 @@ use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 
-use crate::cookie::{is_write, CookieStats, Delivery, LinkCookies, ASK_AGAIN};
+use crate::cookie::{is_write, wall_ms, CookieStats, Delivery, LinkCookies, ASK_AGAIN};
 use crate::seal::LinkKeys;
 use crate::trace::{Direction, PeerName, Tracer};
 use crate::view::ReadView;
@@ -1586,13 +1586,6 @@ fn link_checks(
     }
 }
 
-/// Milliseconds since the epoch (cookie expiries are wall-clock times).
-fn wall_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
-
 async fn write_loop(
     wr: OwnedWriteHalf,
     mut rx: mpsc::UnboundedReceiver<Message>,
@@ -1639,9 +1632,17 @@ struct LinkOut {
     /// Sealed messages held back, in order, behind a write that waits for
     /// a cookie (parent link). HEARTBEATs pass them: they order nothing,
     /// and a parent that stopped hearing them would count us as failed.
-    parked: VecDeque<(Message, Option<SealedRecord>)>,
+    parked: VecDeque<UpWrite>,
     /// When the oldest parked write started waiting, for the log.
     parked_since: Option<Instant>,
+}
+
+/// A message going up, sealed: its record, and the plaintext of a write
+/// request (kept with its cookie for a re-send, see `LinkKeys::bake_up`).
+struct UpWrite {
+    m: Message,
+    rec: Option<SealedRecord>,
+    plain: Option<Bytes>,
 }
 
 /// The link is gone (a write to the socket failed, or the node dropped it).
@@ -1716,7 +1717,25 @@ impl LinkOut {
         };
         if self.down {
             k.grant_down(&mut m);
+        } else if m.header.flags.contains(canopy_proto::Flags::RECOVERY_OP) {
+            // The node sends a write again whose answer was lost: it goes
+            // with the record and cookie it first went with, so the node
+            // that spends the cookie applies it at most once.
+            if let Some(again) = k.resend_up(&self.link, &m) {
+                self.queue_up(
+                    &k,
+                    UpWrite {
+                        m: again,
+                        rec: None,
+                        plain: None,
+                    },
+                );
+                return;
+            }
         }
+        let plain = (!self.down && m.header.opcode == Opcode::IoRequest)
+            .then(|| m.params.data.clone())
+            .flatten();
         let rec = match k.outgoing(&mut m) {
             Ok(rec) => rec,
             Err(e) => {
@@ -1727,24 +1746,34 @@ impl LinkOut {
         if self.down {
             k.reply_down(&self.link, &mut m, wall_ms());
             write_frame(&m, &mut self.buf);
-        } else if !self.parked.is_empty() && m.header.opcode != Opcode::Heartbeat {
-            self.parked.push_back((m, rec));
         } else {
-            self.send_up(&k, m, rec);
+            self.queue_up(&k, UpWrite { m, rec, plain });
+        }
+    }
+
+    /// Send a sealed message up, or park it behind writes that wait for
+    /// cookies (HEARTBEATs pass them).
+    fn queue_up(&mut self, k: &LinkKeys, w: UpWrite) {
+        if !self.parked.is_empty() && w.m.header.opcode != Opcode::Heartbeat {
+            self.parked.push_back(w);
+        } else {
+            self.send_up(k, w);
         }
     }
 
     /// Frame a message for the parent, baking a cookie for a write; a
     /// write with no cookie to bake is parked, and all after it.
-    fn send_up(&mut self, k: &LinkKeys, mut m: Message, rec: Option<SealedRecord>) {
-        if let (Some(r), true) = (&rec, is_write(&m)) {
-            if k.bake_up(&self.link, &mut m, r).is_err() {
+    fn send_up(&mut self, k: &LinkKeys, mut w: UpWrite) {
+        if let (Some(r), true) = (&w.rec, is_write(&w.m)) {
+            if k.bake_up(&self.link, &mut w.m, r, w.plain.as_ref())
+                .is_err()
+            {
                 self.parked_since.get_or_insert_with(Instant::now);
-                self.parked.push_front((m, rec));
+                self.parked.push_front(w);
                 return;
             }
         }
-        write_frame(&m, &mut self.buf);
+        write_frame(&w.m, &mut self.buf);
     }
 
     /// Send what is parked, in order, as far as cookies go.
@@ -1752,9 +1781,9 @@ impl LinkOut {
         let Some(k) = self.keys.clone() else {
             return;
         };
-        while let Some((m, rec)) = self.parked.pop_front() {
+        while let Some(w) = self.parked.pop_front() {
             let left = self.parked.len();
-            self.send_up(&k, m, rec);
+            self.send_up(&k, w);
             if self.parked.len() > left {
                 // Parked again: still no cookie.
                 if self.parked_since.is_some_and(|t| t.elapsed() >= WAIT_WARN) {

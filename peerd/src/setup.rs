@@ -163,6 +163,9 @@ fn ledger_path(cfg: &PeerConfig) -> Option<std::path::PathBuf> {
 pub fn build_node(cfg: &PeerConfig, keys: Option<&LinkKeys>) -> Result<Node, SetupError> {
     let mut ncfg = cfg.node_config();
     ncfg.volume_key = keys.map(LinkKeys::volume_key);
+    // A trusted writer's links re-send a write with its first cookie, which
+    // the node above applies at most once: re-sending is safe.
+    ncfg.retry_writes = keys.is_some_and(LinkKeys::spends_cookies);
     let mut node = match cfg.role {
         PeerRole::Root => {
             let path = cfg.origin.as_deref().ok_or(SetupError::Missing("origin"))?;

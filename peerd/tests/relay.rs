@@ -841,7 +841,8 @@ async fn a_write_retried_after_its_link_was_lost_gets_its_receipt() {
     let h = t.leaves[0].handle();
     t.above_relay.attack_up(Attack::CutAfterWrite);
     let a = pattern(0x61, CHUNK as usize);
-    // Fails (or not) with the link; the point is what the root did.
+    // The leaf sends it again once the tree heals (see the next test);
+    // here the point is what the root does with a later re-send.
     let _ = within("write a", h.write(5, 0, a.clone(), true)).await;
     let sent = t.below_relay[0]
         .writes
@@ -908,6 +909,37 @@ async fn a_write_retried_after_its_link_was_lost_gets_its_receipt() {
     assert!(cookies(&t.root).await.replays_refused >= 1);
     let seen = read_eventually(&h, 5).await.expect("read");
     assert_eq!(seen, b);
+}
+
+/// The relay's link to the root is lost after a sync write went up and
+/// before its answer came back. The leaf does not fail the write: once the
+/// tree has healed it sends it again with the record and cookie it first
+/// went with, the root answers from its reply cache (the write was applied
+/// once), and the leaf takes the valid receipt as the write's success.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_whose_answer_was_lost_is_sent_again_and_applied_once() {
+    let t = tree(1).await;
+    let h = t.leaves[0].handle();
+    let before = cookies(&t.root).await;
+    t.above_relay.attack_up(Attack::CutAfterWrite);
+    let a = pattern(0x71, CHUNK as usize);
+    within("write a", h.write(6, 0, a.clone(), true))
+        .await
+        .expect("the write completes across the lost link");
+    assert_eq!(origin_bytes(&t.dir, 6), a.to_vec());
+    assert!(
+        t.above_relay.conns.load(Ordering::Relaxed) >= 2,
+        "the link was cut"
+    );
+    let leaf = cookies(&t.leaves[0]).await;
+    assert!(leaf.resent >= 1, "{leaf:?}");
+    assert!(leaf.receipts_from_cache >= 1, "{leaf:?}");
+    let after = cookies(&t.root).await;
+    assert_eq!(after.spent, before.spent + 1, "applied once: {after:?}");
+    let node = stats(&t.leaves[0]).await;
+    assert!(node.node.puts_resent >= 1, "{:?}", node.node);
+    let seen = read_eventually(&h, 6).await.expect("read");
+    assert_eq!(seen, a);
 }
 
 /// A relay forges the receipt of a write: the writer refuses the
