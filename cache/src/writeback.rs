@@ -278,6 +278,12 @@ impl<B: Backing> CacheStack<B> {
                     if !victim.over_capacity() {
                         return;
                     }
+                    // Pop the stale slots at the FIFO's front (chunks
+                    // rescued or dropped since they arrived): the scan
+                    // below would walk past all of them again on every
+                    // pick, which made every miss of a full stack cost
+                    // hundreds of map lookups (B5).
+                    let _ = victim.oldest();
                     let mut pick = None;
                     for (c, dirty) in victim.iter_oldest() {
                         if !dirty {
