@@ -22,6 +22,7 @@ use bytes::Bytes;
 use canopy_cache::layout::stack_layout;
 use canopy_cache::{Backing, CacheStack};
 
+use crate::progress::Progress;
 use crate::table::{ratio, Table};
 use crate::trace;
 
@@ -210,9 +211,16 @@ impl Row {
     }
 }
 
+/// B5 as the harness runs it: the full size, or the smoke size.
+pub fn bench(smoke: bool, progress: &Progress) -> Result<Vec<Table>> {
+    let size = if smoke { Size::SMOKE } else { Size::FULL };
+    let (rows, held) = run(size, progress)?;
+    Ok(vec![table(&rows, held, size)])
+}
+
 /// Run B5 at `size`: both traces, each cache on each. `progress` is told
 /// what runs.
-pub fn run(size: Size, progress: &dyn Fn(&str)) -> Result<(Vec<Row>, usize)> {
+pub fn run(size: Size, progress: &Progress) -> Result<(Vec<Row>, usize)> {
     let traces: [(&'static str, Vec<u64>); 2] = [
         ("zipf(0.99)", trace::zipf(size.keys, 0.99, size.accesses, 1)),
         (
@@ -223,13 +231,13 @@ pub fn run(size: Size, progress: &dyn Fn(&str)) -> Result<(Vec<Row>, usize)> {
     let mut rows = Vec::new();
     let mut held = 0;
     for (name, keys) in &traces {
-        progress(&format!("B5 {name}: canopy"));
+        progress.stage(&format!("B5 {name}: canopy"));
         let (canopy, h) = run_canopy(size.capacity, keys)?;
         held = h;
         // Equal capacity: the peers hold what canopy's stack holds.
-        progress(&format!("B5 {name}: moka"));
+        progress.stage(&format!("B5 {name}: moka"));
         let moka = run_moka(held, keys);
-        progress(&format!("B5 {name}: LRU"));
+        progress.stage(&format!("B5 {name}: LRU"));
         let lru = run_lru(held, keys);
         rows.push(Row {
             trace: name,
@@ -293,7 +301,7 @@ mod tests {
 
     #[test]
     fn a_smoke_run_counts_hits_that_make_sense() {
-        let (rows, held) = run(Size::SMOKE, &|_| {}).expect("runs");
+        let (rows, held) = run(Size::SMOKE, &Progress::new()).expect("runs");
         assert!(held <= Size::SMOKE.capacity);
         assert_eq!(rows.len(), 2);
         for r in &rows {

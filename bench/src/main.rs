@@ -4,20 +4,26 @@
 //! table per workload, printed and, with `--out`, written to a file
 //! (`bench/run` writes `bench/results/DATE.md`).
 //!
-//! Workloads so far: B5 (the stacked cache against moka and an LRU). The
-//! others of issue 5 (B1–B4, B6) have scripts of their own for now
-//! (`bench/cold-read.sh`, `bench/vm-fio`, `peerd/benches/relay.rs`) and
-//! join the harness as they are rebuilt on it.
+//! Each workload is a module (`b5`, ...) with a `bench(smoke, progress)`
+//! that returns its tables; `peers` starts nbdkit and runs fio for the
+//! workloads that compare against them, and `progress` shows long runs.
+//! Workloads not yet rebuilt on the harness have scripts of their own
+//! (`bench/cold-read.sh`, `bench/vm-fio`, `peerd/benches/relay.rs`).
 
 mod b5;
+mod peers;
+mod progress;
 mod table;
 mod trace;
 
 use std::io::Write as _;
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Parser, ValueEnum};
+
+use crate::progress::Progress;
+use crate::table::Table;
 
 /// Run canopy's benchmarks beside their peers and print a markdown table
 /// of figures and ratios.
@@ -44,15 +50,23 @@ enum Workload {
     B5,
 }
 
+impl Workload {
+    /// Run this workload; its tables, or why it could not run.
+    fn run(self, smoke: bool, progress: &Progress) -> Result<Vec<Table>> {
+        match self {
+            Workload::B5 => b5::bench(smoke, progress),
+        }
+    }
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
     let workloads = if args.workloads.is_empty() {
-        vec![Workload::B5]
+        Workload::value_variants().to_vec()
     } else {
         args.workloads.clone()
     };
-    // Progress goes to stderr, so that stdout is the tables alone.
-    let progress = |what: &str| eprintln!("canopy-bench: {what}");
+    let progress = Progress::new();
     let mut doc = format!(
         "## canopy-bench{}\n\nRatios compare figures taken in this run, side by side.\n\n",
         if args.smoke {
@@ -61,20 +75,24 @@ fn main() -> Result<()> {
             ""
         }
     );
+    // A workload that fails is reported in its place and fails the run at
+    // the end; the others still run (a full run is long).
+    let mut failed = Vec::new();
     for w in workloads {
-        let t = match w {
-            Workload::B5 => {
-                let size = if args.smoke {
-                    b5::Size::SMOKE
-                } else {
-                    b5::Size::FULL
-                };
-                let (rows, held) = b5::run(size, &progress)?;
-                b5::table(&rows, held, size)
+        match w.run(args.smoke, &progress) {
+            Ok(tables) => {
+                for t in tables {
+                    doc.push_str(&t.markdown());
+                    doc.push('\n');
+                }
             }
-        };
-        doc.push_str(&t.markdown());
-        doc.push('\n');
+            Err(e) => {
+                let name = format!("{w:?}");
+                progress.stage(&format!("{name} failed: {e:#}"));
+                doc.push_str(&format!("### {name}: failed\n\n{e:#}\n\n"));
+                failed.push(name);
+            }
+        }
     }
     let mut out = std::io::stdout().lock();
     out.write_all(doc.as_bytes())
@@ -84,7 +102,10 @@ fn main() -> Result<()> {
             std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
         std::fs::write(path, &doc).with_context(|| format!("writing {}", path.display()))?;
-        eprintln!("canopy-bench: tables written to {}", path.display());
+        progress.stage(&format!("tables written to {}", path.display()));
+    }
+    if !failed.is_empty() {
+        bail!("workloads failed: {}", failed.join(", "));
     }
     Ok(())
 }
