@@ -55,6 +55,12 @@ use crate::ledger::{Issuer, LedgerError};
 /// the verifier (nonce ‖ signature) and the version.
 pub const RELAY_OVERHEAD: usize = SEAL_OVERHEAD + VERIFIER_LEN + 8;
 
+/// The most bytes of records a relay verifies as one batch. Records that
+/// arrive together beyond this are verified in several batches: a batch is
+/// hashed whole before any of it is repacked, and past the core's cache
+/// the repack reads it from memory again.
+pub const VERIFY_BATCH_BYTES: usize = 256 << 10;
+
 /// The keys a node's links work with, shared by all its links.
 pub struct LinkKeys {
     pub(crate) kind: Kind,
@@ -292,10 +298,25 @@ impl LinkKeys {
                 }
             }
             Kind::Relay(v) => {
-                // One batch verification for the lot; one by one only to
-                // find the bad record if the batch fails.
-                let refs: Vec<&SealedRecord> = recs.iter().map(|(_, r)| r).collect();
-                let checks = v.verify_each(&refs);
+                // Batch verification, one by one only to find the bad
+                // record if a batch fails. Batches are cut at
+                // VERIFY_BATCH_BYTES so a batch's records are still in
+                // cache when they are repacked (B3: 16 records of 256 KiB
+                // verified together ran at a third of the speed of one).
+                let mut checks = Vec::with_capacity(recs.len());
+                let mut start = 0;
+                while start < recs.len() {
+                    let mut end = start;
+                    let mut bytes = 0;
+                    while end < recs.len() && (end == start || bytes < VERIFY_BATCH_BYTES) {
+                        bytes += recs[end].1.ciphertext.len();
+                        end += 1;
+                    }
+                    let refs: Vec<&SealedRecord> =
+                        recs[start..end].iter().map(|(_, r)| r).collect();
+                    checks.extend(v.verify_each(&refs));
+                    start = end;
+                }
                 for ((i, rec), check) in recs.into_iter().zip(checks) {
                     match check {
                         Ok(()) => {
@@ -451,6 +472,35 @@ mod tests {
         let out = relay.incoming(&mut msgs);
         for (i, r) in out.iter().enumerate() {
             assert_eq!(r.is_err(), i == 5, "record {i}: {r:?}");
+        }
+    }
+
+    #[test]
+    fn records_beyond_one_batchs_bytes_are_checked_in_several_batches() {
+        let k = keys();
+        let trusted = LinkKeys::trusted(k.clone());
+        let relay = LinkKeys::relay(Arc::new(k.verifier().clone()));
+        // 100 KiB records: three to a batch, so seven make three batches;
+        // a bad record in the first and in the last is found, and only
+        // those are refused; the others come out as stored records.
+        let size = 100 << 10;
+        assert!(3 * size >= VERIFY_BATCH_BYTES && 2 * size < VERIFY_BATCH_BYTES);
+        let mut msgs: Vec<Message> = (0..7)
+            .map(|i| {
+                let mut m = put(i, 1, &vec![i as u8; size]);
+                trusted.outgoing(&mut m).unwrap();
+                m
+            })
+            .collect();
+        msgs[1].params.version = Some(2);
+        msgs[6].params.block_num = Some(99);
+        let out = relay.incoming(&mut msgs);
+        for (i, r) in out.iter().enumerate() {
+            assert_eq!(r.is_err(), i == 1 || i == 6, "record {i}: {r:?}");
+        }
+        for i in [0, 2, 3, 4, 5] {
+            let blob = msgs[i].params.data.as_ref().unwrap();
+            assert_eq!(blob.len(), size + RELAY_OVERHEAD);
         }
     }
 }
