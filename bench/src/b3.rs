@@ -7,17 +7,21 @@
 //! BLAKE3 over the same bytes (every check hashes the ciphertext once).
 //!
 //! The target (≥ 1 GB/s per core) applies at the default chunk size,
-//! 64 KiB, which it fixes.
+//! 64 KiB, which it fixes. "Per core" is measured as such: bytes over the
+//! thread's CPU time, not wall time, so another process on the machine
+//! does not count against the relay (caches and memory bandwidth are still
+//! shared, so the figures stay noisy; the BLAKE3 column shows how much).
 
 use std::hint::black_box;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, Context, Result};
 use bytes::Bytes;
 use canopy_keys::TrustedKeys;
 use canopy_peerd::seal::LinkKeys;
 use canopy_proto::{IoOp, Message, Opcode};
+use nix::time::{clock_gettime, ClockId};
 
 use crate::progress::Progress;
 use crate::table::{ratio, Table};
@@ -78,7 +82,7 @@ pub fn bench(smoke: bool, progress: &Progress) -> Result<Vec<Table>> {
         let batched = median(size.rounds, || forward(&relay, &msgs, BATCH, size.bytes))?;
         bar.inc(1);
         let plain = Bytes::from(vec![7u8; chunk]);
-        let blake3 = median(size.rounds, || Ok(hash_rate(&plain, size.bytes)))?;
+        let blake3 = median(size.rounds, || hash_rate(&plain, size.bytes))?;
         bar.inc(1);
         rows.push(Row {
             size: chunk,
@@ -119,7 +123,7 @@ fn forward(relay: &LinkKeys, msgs: &[Message], batch: usize, bytes: usize) -> Re
         .map_or(0, |d| d.len());
     let per_round = chunk * msgs.len();
     let rounds = bytes.div_ceil(per_round.max(1));
-    let start = Instant::now();
+    let start = cpu_time()?;
     for _ in 0..rounds {
         for group in msgs.chunks(batch) {
             // What a reader hands over: fresh messages (Bytes clones).
@@ -133,17 +137,24 @@ fn forward(relay: &LinkKeys, msgs: &[Message], batch: usize, bytes: usize) -> Re
             black_box(v);
         }
     }
-    Ok(gbps(rounds * per_round, start.elapsed()))
+    Ok(gbps(rounds * per_round, cpu_time()? - start))
 }
 
 /// BLAKE3 over `bytes` bytes of `chunk`-sized buffers; GB/s.
-fn hash_rate(chunk: &Bytes, bytes: usize) -> f64 {
+fn hash_rate(chunk: &Bytes, bytes: usize) -> Result<f64> {
     let n = bytes.div_ceil(chunk.len().max(1));
-    let start = Instant::now();
+    let start = cpu_time()?;
     for _ in 0..n {
         black_box(blake3::hash(black_box(chunk)));
     }
-    gbps(n * chunk.len(), start.elapsed())
+    Ok(gbps(n * chunk.len(), cpu_time()? - start))
+}
+
+/// The CPU time this thread has used.
+fn cpu_time() -> Result<Duration> {
+    let t =
+        clock_gettime(ClockId::CLOCK_THREAD_CPUTIME_ID).context("reading the thread's CPU time")?;
+    Ok(Duration::from(t))
 }
 
 fn gbps(bytes: usize, took: Duration) -> f64 {
@@ -170,14 +181,14 @@ fn label(size: usize) -> String {
 fn table(rows: &[Row], size: Size) -> Table {
     let mut t = Table::new(
         format!(
-            "B3, relay verify-and-forward: GB/s on one core, {} MiB per figure, median of {}",
+            "B3, relay verify-and-forward: GB/s per core (of CPU time), {} MiB per figure, median of {}",
             size.bytes >> 20,
             size.rounds
         ),
         &[
             "chunk",
             "one by one",
-            &format!("batches of {BATCH}"),
+            &format!("{BATCH} per read"),
             "BLAKE3 alone",
             "batched vs BLAKE3",
             "target ≥ 1 GB/s",
@@ -203,10 +214,12 @@ fn table(rows: &[Row], size: Size) -> Table {
             target.to_string(),
         ]);
     }
-    t.note(
+    t.note(&format!(
         "A relay checks each record's signature over its BLAKE3 digest and repacks it; \
-         BLAKE3 alone is the floor of that work, measured beside it.",
-    );
+         BLAKE3 alone is the floor of that work, measured beside it. Records read \
+         together are verified in batches of at most {} KiB.",
+        canopy_peerd::seal::VERIFY_BATCH_BYTES >> 10
+    ));
     t
 }
 

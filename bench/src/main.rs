@@ -65,6 +65,9 @@ impl Workload {
 }
 
 fn main() -> Result<()> {
+    // As canopy's daemons do, so that the in-process workloads (B3) run
+    // with the product's allocator settings: chunk buffers off mmap.
+    canopy_peerd::alloc::tune_for_chunks();
     let args = Args::parse();
     let workloads = if args.workloads.is_empty() {
         Workload::value_variants().to_vec()

@@ -4,6 +4,7 @@
 //! integration tests run whole trees in one process through them.
 #![warn(missing_docs)]
 
+pub mod alloc;
 pub mod config;
 pub mod cookie;
 pub mod driver;

@@ -334,6 +334,8 @@ impl RoleCmd {
 }
 
 fn main() -> ExitCode {
+    // Before any thread starts: chunk buffers stay in the heap (alloc.rs).
+    let tuned = canopy_peerd::alloc::tune_for_chunks();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -343,6 +345,9 @@ fn main() -> ExitCode {
         // Colour codes only where a person reads them, not in log files.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    if !tuned {
+        tracing::debug!("the allocator's thresholds were not set (not glibc)");
+    }
     let cli = Cli::parse();
     match real_main(cli) {
         Ok(()) => ExitCode::SUCCESS,

@@ -256,6 +256,9 @@ fn parse_hash(s: &str) -> Result<HashKind, String> {
 }
 
 fn main() -> ExitCode {
+    // Before any thread starts: chunk buffers stay in the heap, as in
+    // canopy-peerd (canopy_peerd::alloc).
+    canopy_peerd::alloc::tune_for_chunks();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
