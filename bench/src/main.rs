@@ -10,6 +10,7 @@
 //! Workloads not yet rebuilt on the harness have scripts of their own
 //! (`bench/cold-read.sh`, `bench/vm-fio`, `peerd/benches/relay.rs`).
 
+mod b1;
 mod b5;
 mod peers;
 mod progress;
@@ -45,6 +46,11 @@ struct Args {
 /// A workload of issue 5.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Workload {
+    /// Warm cache: fio's nbd engine against canopy's NBD export (no ublk)
+    /// with the volume in the memory tier, and against nbdkit's memory
+    /// plugin, 4k random read at QD32 and 1M sequential read at QD8, on
+    /// Unix sockets.
+    B1,
     /// The stacked cache against moka and an LRU of equal capacity, on
     /// Zipf(0.99) and on scans mixed with a hot set.
     B5,
@@ -54,6 +60,7 @@ impl Workload {
     /// Run this workload; its tables, or why it could not run.
     fn run(self, smoke: bool, progress: &Progress) -> Result<Vec<Table>> {
         match self {
+            Workload::B1 => b1::bench(smoke, progress),
             Workload::B5 => b5::bench(smoke, progress),
         }
     }
