@@ -74,6 +74,7 @@ a=$(head -c 1048576 "$CANOPY_DEV" | sha256sum) b=$(head -c 1048576 /dev/nbd0 | s
 
 origin_reads() { stats_json "$out/stats.json"; json_get "$out/stats.json" "s['origin']['reads']"; }
 reads_before=$(origin_reads)
+[[ $reads_before =~ ^[0-9]+$ ]] || fail "cannot read canopy's origin reads from its stats"
 
 fio_run() { # DEV WORKLOAD -> "IOPS BW_BYTES"
   local dev=$1 w=$2 args
@@ -96,7 +97,9 @@ for round in $(seq 1 "$rounds"); do
     for who in "${order[@]}"; do
       dev=$CANOPY_DEV
       [[ $who == nbdkit ]] && dev=/dev/nbd0
-      read -r iops bw <<<"$(fio_run "$dev" "$w")"
+      # fio_run's own failure ends only its subshell: check what came back.
+      read -r iops bw <<<"$(fio_run "$dev" "$w")" || true
+      [[ -n ${iops:-} && -n ${bw:-} ]] || fail "no figures from fio $w on $dev"
       log "round $round/$rounds $w $who ($dev): $iops IOPS, $bw B/s"
       rows+=("$(printf 'run\t%s\t%s\t%s\t%s\t%s' "$round" "$who" "$w" "$iops" "$bw")")
     done
