@@ -8,10 +8,12 @@
 //! that returns its tables; `peers` starts nbdkit and runs fio for the
 //! workloads that compare against them, and `progress` shows long runs.
 //! Workloads not yet rebuilt on the harness have scripts of their own
-//! (`bench/cold-read.sh`, `bench/vm-fio`).
+//! (`bench/cold-read.sh`).
 
+mod b1;
 mod b3;
 mod b5;
+mod b6;
 mod peers;
 mod progress;
 mod table;
@@ -31,7 +33,8 @@ use crate::table::Table;
 #[derive(Parser, Debug)]
 #[command(name = "canopy-bench", version)]
 struct Args {
-    /// Workloads to run; all of them when none is named.
+    /// Workloads to run; all of them when none is named (with --smoke,
+    /// all but those that boot the VM).
     #[arg(value_enum)]
     workloads: Vec<Workload>,
     /// A tiny run that only shows the harness works (what CI runs); its
@@ -46,21 +49,40 @@ struct Args {
 /// A workload of issue 5.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Workload {
+    /// Warm cache: fio's nbd engine against canopy's NBD export (no ublk)
+    /// with the volume in the memory tier, and against nbdkit's memory
+    /// plugin, 4k random read at QD32 and 1M sequential read at QD8, on
+    /// Unix sockets.
+    B1,
     /// A relay's verify-and-forward of sealed records, GB/s on one core,
     /// at 4 KiB–1 MiB chunks, one by one and batched.
     B3,
     /// The stacked cache against moka and an LRU of equal capacity, on
     /// Zipf(0.99) and on scans mixed with a hot set.
     B5,
+    /// In the VM (boots it: the host has no ublk): fio on canopy's
+    /// /dev/ublkb0 with a warm cache against /dev/nbd0 attached to nbdkit's
+    /// memory plugin in the same guest, 4k random read and 1M sequential
+    /// read. Left out of a `--smoke` run unless named.
+    B6,
 }
 
 impl Workload {
     /// Run this workload; its tables, or why it could not run.
     fn run(self, smoke: bool, progress: &Progress) -> Result<Vec<Table>> {
         match self {
+            Workload::B1 => b1::bench(smoke, progress),
             Workload::B3 => b3::bench(smoke, progress),
             Workload::B5 => b5::bench(smoke, progress),
+            Workload::B6 => b6::bench(smoke, progress),
         }
+    }
+
+    /// True for workloads that boot the test VM: a smoke run (what the
+    /// host phase of `scripts/test` runs, which must not boot one) leaves
+    /// them out unless they are named.
+    fn boots_vm(self) -> bool {
+        matches!(self, Workload::B6)
     }
 }
 
@@ -70,7 +92,11 @@ fn main() -> Result<()> {
     canopy_peerd::alloc::tune_for_chunks();
     let args = Args::parse();
     let workloads = if args.workloads.is_empty() {
-        Workload::value_variants().to_vec()
+        Workload::value_variants()
+            .iter()
+            .copied()
+            .filter(|w| !(args.smoke && w.boots_vm()))
+            .collect()
     } else {
         args.workloads.clone()
     };

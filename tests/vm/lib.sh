@@ -27,9 +27,11 @@ CANOPY_VM_CACHE=${CANOPY_VM_CACHE:-${HOME:-/root}/.cache/canopy/vm}
 #  - netfs 9pnet 9pnet_virtio 9p: the 9p shares (host root and the out dir).
 #  - ublk_drv: the point of the exercise (/dev/ublk-control).
 #  - loop: tests compare canopy against a loop device on a tmpfs file.
+#  - nbd: benchmark B6 compares canopy's device with /dev/nbd0 attached to
+#    nbdkit in the guest (bench/vm-fio.sh).
 # virtio, virtio_pci, virtio_ring, fuse are built into Debian's kernel.
 # Extra modules: CANOPY_VM_EXTRA_MODULES="null_blk dm_mod ...".
-CANOPY_VM_MODULES=(crc32c_generic crc16 mbcache jbd2 ext4 netfs 9pnet 9pnet_virtio 9p ublk_drv loop)
+CANOPY_VM_MODULES=(crc32c_generic crc16 mbcache jbd2 ext4 netfs 9pnet 9pnet_virtio 9p ublk_drv loop nbd)
 
 # Debian packages the harness itself needs on the host.
 CANOPY_VM_HOST_PKGS=(qemu-system-x86 busybox-static kmod xz-utils cpio util-linux)
