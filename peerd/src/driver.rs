@@ -59,6 +59,13 @@ use canopy_keys::SealedRecord;
 /// Events queued to the node task before readers wait for it.
 const EVENT_QUEUE: usize = 1024;
 
+/// What a link's reader asks the socket for at most in one read: a few
+/// 64 KiB chunk records (see `read_loop`).
+const READ_BUF: usize = 512 * 1024;
+
+/// A reader makes room for [`READ_BUF`] more once less than this is free.
+const READ_MIN: usize = 64 * 1024;
+
 /// Children's HEARTBEATs queued apart, ahead of everything else (see
 /// `deliver`); beyond this many they wait in the ordinary queue.
 const HEARTBEAT_QUEUE: usize = 64;
@@ -1490,7 +1497,7 @@ async fn read_loop(
     keys: Option<Arc<LinkKeys>>,
 ) {
     let close = end.close.clone();
-    let mut buf = BytesMut::with_capacity(64 * 1024);
+    let mut buf = BytesMut::with_capacity(READ_BUF);
     // The messages of one read, whose records are checked together (a
     // relay verifies their signatures as one batch).
     let mut batch: Vec<Message> = Vec::new();
@@ -1525,7 +1532,13 @@ async fn read_loop(
         if framing_lost {
             break 'outer;
         }
-        buf.reserve(16 * 1024);
+        // Room for several chunk records per read: fewer reads, and the
+        // records that arrive together are checked as one batch (see
+        // `deliver`). Once the messages split off the buffer are gone,
+        // this reuses its allocation rather than making a new one.
+        if buf.capacity() - buf.len() < READ_MIN {
+            buf.reserve(READ_BUF);
+        }
         tokio::select! {
             () = close.notified() => break,
             r = rd.read_buf(&mut buf) => match r {
