@@ -122,6 +122,42 @@ pub fn drop_caches(smoke: bool, progress: &Progress) -> Result<()> {
     }
 }
 
+/// CPU seconds (user + system) used so far by this process, and by its
+/// children that have been waited for (nbdkit, fio), from /proc/self/stat.
+/// Wall time on a machine shared with other work says little alone; CPU
+/// time per run is what the work cost, whoever else ran.
+pub fn cpu_seconds() -> Result<(f64, f64)> {
+    let stat = std::fs::read_to_string("/proc/self/stat").context("reading /proc/self/stat")?;
+    parse_cpu(&stat).context("parsing /proc/self/stat")
+}
+
+/// (utime + stime, cutime + cstime) of a /proc/PID/stat line, in seconds
+/// (USER_HZ is 100 on Linux).
+fn parse_cpu(stat: &str) -> Option<(f64, f64)> {
+    // The command name may hold spaces and parentheses: fields start
+    // after the last ')'; the first of them is field 3 (state).
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let f: Vec<u64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(4)
+        .map(|x| x.parse().ok())
+        .collect::<Option<_>>()?;
+    if f.len() < 4 {
+        return None;
+    }
+    Some(((f[0] + f[1]) as f64 / 100.0, (f[2] + f[3]) as f64 / 100.0))
+}
+
+/// What a run measured: bytes per second, and CPU seconds spent.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Figure {
+    /// Bytes per second.
+    pub rate: f64,
+    /// CPU seconds (canopy: this process; nbdkit: nbdkit and fio).
+    pub cpu: f64,
+}
+
 /// splitmix64: a fixed, dependency-free stream for the volume's contents
 /// and the shuffles.
 fn splitmix(state: &mut u64) -> u64 {
@@ -323,7 +359,7 @@ async fn canopy_run(
     pattern: &Pattern,
     progress: &Progress,
     what: &str,
-) -> Result<f64> {
+) -> Result<Figure> {
     let chunks = whole_chunks(volume)?;
     let root = start(root_config(origin, keys)).await?;
     let leaf = match start(leaf_config("leaf", &addr(&root)?, chunks, keys)).await {
@@ -337,6 +373,7 @@ async fn canopy_run(
     let per = (pattern.bs / CHUNK).max(1);
     let keep = samples(chunks);
     let bar = progress.bar(reqs.len() as u64, what, "requests");
+    let cpu0 = cpu_seconds()?.0;
     let t0 = Instant::now();
     let r = read_through(
         &leaf.handle(),
@@ -349,10 +386,14 @@ async fn canopy_run(
     )
     .await;
     let secs = t0.elapsed().as_secs_f64();
+    let cpu = cpu_seconds()?.0 - cpu0;
     bar.finish_and_clear();
     stop(vec![leaf, root]).await;
     verify(origin, &r?, keep.len())?;
-    Ok(volume as f64 / secs)
+    Ok(Figure {
+        rate: volume as f64 / secs,
+        cpu,
+    })
 }
 
 /// One nbdkit run: nbdkit's file plugin on loopback TCP, fio reading the
@@ -364,9 +405,10 @@ fn nbdkit_run(
     dir: &Path,
     progress: &Progress,
     what: &str,
-) -> Result<f64> {
+) -> Result<Figure> {
+    let cpu0 = cpu_seconds()?.1;
     let at = Endpoint::free_tcp()?;
-    let _server = nbdkit(
+    let server = nbdkit(
         "file",
         &[origin.display().to_string()],
         &at,
@@ -381,19 +423,24 @@ fn nbdkit_run(
         numjobs: 1,
     };
     let r = fio(&at.uri(), &job, progress, what)?;
+    // Stopped and reaped, so that its CPU time is the children's.
+    drop(server);
     ensure!(r.bytes == volume, "fio read {} of {volume} bytes", r.bytes);
-    Ok(r.bytes_per_sec)
+    Ok(Figure {
+        rate: r.bytes_per_sec,
+        cpu: cpu_seconds()?.1 - cpu0,
+    })
 }
 
 /// One round's figures for one pattern, bytes per second.
 #[derive(Clone, Copy, Debug)]
 pub struct Round {
     /// canopy, sealed.
-    pub sealed: f64,
+    pub sealed: Figure,
     /// canopy, without keys.
-    pub plain: f64,
+    pub plain: Figure,
     /// nbdkit + fio.
-    pub nbdkit: f64,
+    pub nbdkit: Figure,
 }
 
 /// B2 as the harness runs it.
@@ -462,9 +509,9 @@ pub fn run(size: Size, smoke: bool, progress: &Progress) -> Result<Vec<(Pattern,
             )?;
             progress.stage(&format!(
                 "{tag}: sealed {:.0} MB/s, plain {:.0} MB/s, nbdkit {:.0} MB/s",
-                sealed / 1e6,
-                plain / 1e6,
-                nbd / 1e6
+                sealed.rate / 1e6,
+                plain.rate / 1e6,
+                nbd.rate / 1e6
             ));
             rounds.push(Round {
                 sealed,
@@ -513,57 +560,56 @@ pub fn table(results: &[(Pattern, Vec<Round>)], size: Size) -> Table {
             "nbdkit file + fio MB/s",
             "sealed/nbdkit",
             "plain/nbdkit",
+            "CPU s sealed / plain / nbdkit+fio",
             "target met",
         ],
     );
+    let cpu = |r: &Round| {
+        format!(
+            "{:.1} / {:.1} / {:.1}",
+            r.sealed.cpu, r.plain.cpu, r.nbdkit.cpu
+        )
+    };
     for (p, rounds) in results {
         for (i, r) in rounds.iter().enumerate() {
             t.row(vec![
                 p.name.to_string(),
                 (i + 1).to_string(),
-                format!("{:.0}", r.sealed / 1e6),
-                format!("{:.0}", r.plain / 1e6),
-                format!("{:.0}", r.nbdkit / 1e6),
-                ratio(r.sealed, r.nbdkit),
-                ratio(r.plain, r.nbdkit),
+                format!("{:.0}", r.sealed.rate / 1e6),
+                format!("{:.0}", r.plain.rate / 1e6),
+                format!("{:.0}", r.nbdkit.rate / 1e6),
+                ratio(r.sealed.rate, r.nbdkit.rate),
+                ratio(r.plain.rate, r.nbdkit.rate),
+                cpu(r),
                 String::new(),
             ]);
         }
-        let sealed_ratio = median(
-            &rounds
-                .iter()
-                .map(|r| r.sealed / r.nbdkit)
-                .collect::<Vec<_>>(),
-        );
-        let plain_ratio = median(
-            &rounds
-                .iter()
-                .map(|r| r.plain / r.nbdkit)
-                .collect::<Vec<_>>(),
-        );
+        let med = |f: &dyn Fn(&Round) -> f64| median(&rounds.iter().map(f).collect::<Vec<_>>());
+        let sealed_ratio = med(&|r| r.sealed.rate / r.nbdkit.rate);
+        let plain_ratio = med(&|r| r.plain.rate / r.nbdkit.rate);
         let met = sealed_ratio >= 0.8 && plain_ratio >= 1.0;
         t.row(vec![
             p.name.to_string(),
             "median".into(),
-            format!(
-                "{:.0}",
-                median(&rounds.iter().map(|r| r.sealed).collect::<Vec<_>>()) / 1e6
-            ),
-            format!(
-                "{:.0}",
-                median(&rounds.iter().map(|r| r.plain).collect::<Vec<_>>()) / 1e6
-            ),
-            format!(
-                "{:.0}",
-                median(&rounds.iter().map(|r| r.nbdkit).collect::<Vec<_>>()) / 1e6
-            ),
+            format!("{:.0}", med(&|r| r.sealed.rate) / 1e6),
+            format!("{:.0}", med(&|r| r.plain.rate) / 1e6),
+            format!("{:.0}", med(&|r| r.nbdkit.rate) / 1e6),
             format!("{sealed_ratio:.2}×"),
             format!("{plain_ratio:.2}×"),
+            format!(
+                "{:.1} / {:.1} / {:.1}",
+                med(&|r| r.sealed.cpu),
+                med(&|r| r.plain.cpu),
+                med(&|r| r.nbdkit.cpu)
+            ),
             if met { "yes" } else { "no" }.into(),
         ]);
     }
     t.note("targets: sealed ≥ 0.8× nbdkit, plain ≥ 1.0× nbdkit (median of per-round ratios); MB = 10^6 bytes");
     t.note("page cache dropped before every run; the root reads its origin with O_DIRECT, nbdkit's file plugin through the page cache (with readahead)");
+    t.note(
+        "CPU s: canopy's whole tree (this process) during the reads; nbdkit's and fio's together",
+    );
     t
 }
 
@@ -604,6 +650,16 @@ mod tests {
         assert!(whole_chunks(CHUNK + 1).is_err());
     }
 
+    #[test]
+    fn cpu_times_come_from_proc_stat() {
+        // A command name with a space and a parenthesis, as the kernel
+        // allows; utime 150, stime 50, cutime 7, cstime 3 ticks.
+        let stat = "42 (a b) c) S 1 1 1 0 -1 0 0 0 0 0 150 50 7 3 20 0 1 0";
+        assert_eq!(parse_cpu(stat), Some((2.0, 0.1)));
+        assert_eq!(parse_cpu("42 (x) S 1"), None);
+        assert!(cpu_seconds().is_ok());
+    }
+
     /// The in-process tree, sealed, reads what the file holds (no timing).
     #[test]
     fn a_sealed_leaf_reads_the_volume_from_a_root() {
@@ -615,10 +671,10 @@ mod tests {
         let rt = runtime().unwrap();
         for keys in [Some(keys.as_path()), None] {
             for p in PATTERNS {
-                let rate = rt
+                let f = rt
                     .block_on(canopy_run(&origin, 2 << 20, keys, &p, &progress, "test"))
                     .unwrap();
-                assert!(rate > 0.0);
+                assert!(f.rate > 0.0 && f.cpu >= 0.0);
             }
         }
     }

@@ -25,9 +25,9 @@ use canopy_peerd::Peer;
 use tokio::task::JoinSet;
 
 use crate::b2::{
-    addr, drop_caches, leaf_config, make_keys, median, read_through, requests, root_config,
-    runtime, samples, scratch, start, stop, verify, volume_file, whole_chunks, Pattern, CHUNK,
-    DEPTH, VOLUME,
+    addr, cpu_seconds, drop_caches, leaf_config, make_keys, median, read_through, requests,
+    root_config, runtime, samples, scratch, start, stop, verify, volume_file, whole_chunks,
+    Pattern, CHUNK, DEPTH, VOLUME,
 };
 use crate::peers::{fio, nbdkit, Endpoint, FioJob};
 use crate::progress::Progress;
@@ -75,10 +75,15 @@ pub struct Round {
     pub root_sent: u64,
     /// Seconds until every leaf had read everything.
     pub canopy_secs: f64,
-    /// Bytes nbdkit wrote (its replies to the fio jobs).
+    /// CPU seconds the whole tree used meanwhile.
+    pub canopy_cpu: f64,
+    /// Bytes nbdkit served (what its fio jobs read; its socket bytes are
+    /// not in /proc/PID/io, which counts no send()).
     pub nbdkit_sent: u64,
     /// Seconds of the longest fio job.
     pub nbdkit_secs: f64,
+    /// CPU seconds of nbdkit and fio.
+    pub nbdkit_cpu: f64,
 }
 
 /// A relay under `parent` with only the verifying key, caching `chunks`.
@@ -93,7 +98,7 @@ fn relay_config(name: &str, parent: &str, chunks: u64, verify: &Path) -> PeerCon
 }
 
 /// One canopy run: a new tree, every leaf reading the whole volume at
-/// once. (bytes the root sent, seconds).
+/// once. (bytes the root sent, seconds, CPU seconds).
 async fn canopy_run(
     origin: &Path,
     volume: u64,
@@ -101,7 +106,7 @@ async fn canopy_run(
     verify_key: &Path,
     progress: &Progress,
     what: &str,
-) -> Result<(u64, f64)> {
+) -> Result<(u64, f64, f64)> {
     let chunks = whole_chunks(volume)?;
     let mut peers: Vec<Peer> = Vec::new();
     let r = async {
@@ -132,6 +137,7 @@ async fn canopy_run(
         let per = (PATTERN.bs / CHUNK).max(1);
         let keep = samples(chunks);
         let bar = progress.bar(reqs.len() as u64 * leaves.len() as u64, what, "requests");
+        let cpu0 = cpu_seconds()?.0;
         let t0 = Instant::now();
         let mut all = JoinSet::new();
         for leaf in leaves {
@@ -154,12 +160,13 @@ async fn canopy_run(
             kept.push(r.context("leaf task failed")??);
         }
         let secs = t0.elapsed().as_secs_f64();
+        let cpu = cpu_seconds()?.0 - cpu0;
         bar.finish_and_clear();
         let after = root_handle.stats().await.context("root stats")?.bytes_sent;
         for k in &kept {
             verify(origin, k, keep.len())?;
         }
-        Ok::<_, anyhow::Error>((after.saturating_sub(before), secs))
+        Ok::<_, anyhow::Error>((after.saturating_sub(before), secs, cpu))
     }
     .await;
     // Leaves first, the root last, so that nobody redials a stopped parent.
@@ -169,14 +176,16 @@ async fn canopy_run(
 }
 
 /// One nbdkit run: eight fio jobs reading the whole file from one nbdkit.
-/// (bytes read, seconds of the longest job).
+/// (bytes read, seconds of the longest job, CPU seconds of nbdkit and
+/// fio).
 fn nbdkit_run(
     origin: &Path,
     volume: u64,
     dir: &Path,
     progress: &Progress,
     what: &str,
-) -> Result<(u64, f64)> {
+) -> Result<(u64, f64, f64)> {
+    let cpu0 = cpu_seconds()?.1;
     let at = Endpoint::free_tcp()?;
     let server = nbdkit(
         "file",
@@ -193,31 +202,15 @@ fn nbdkit_run(
         runtime: None,
         numjobs: jobs,
     };
-    let before = written(server.pid())?;
     let r = fio(&at.uri(), &job, progress, what)?;
-    let sent = written(server.pid())?.saturating_sub(before);
+    drop(server);
     ensure!(
         r.bytes == volume * u64::from(jobs),
         "fio read {} of {} bytes",
         r.bytes,
         volume * u64::from(jobs)
     );
-    Ok((sent, r.seconds))
-}
-
-/// Bytes process `pid` has written through system calls (`wchar` of
-/// /proc/PID/io): for nbdkit, its replies on the sockets (and its log),
-/// the same measure as canopy's root's socket count.
-fn written(pid: u32) -> Result<u64> {
-    let path = format!("/proc/{pid}/io");
-    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-    parse_wchar(&text).with_context(|| format!("no wchar in {path}"))
-}
-
-fn parse_wchar(io: &str) -> Option<u64> {
-    io.lines()
-        .find_map(|l| l.strip_prefix("wchar:"))
-        .and_then(|v| v.trim().parse().ok())
+    Ok((r.bytes, r.seconds, cpu_seconds()?.1 - cpu0))
 }
 
 /// B4 as the harness runs it.
@@ -248,7 +241,7 @@ pub fn run(size: Size, smoke: bool, progress: &Progress) -> Result<Vec<Round>> {
             "{tag}: canopy (root, 2 relays, 8 leaves), nbdkit (8 fio jobs)"
         ));
         drop_caches(smoke, progress)?;
-        let (root_sent, canopy_secs) = rt.block_on(canopy_run(
+        let (root_sent, canopy_secs, canopy_cpu) = rt.block_on(canopy_run(
             &origin,
             size.volume,
             &keys,
@@ -257,7 +250,7 @@ pub fn run(size: Size, smoke: bool, progress: &Progress) -> Result<Vec<Round>> {
             &format!("{tag} canopy"),
         ))?;
         drop_caches(smoke, progress)?;
-        let (nbdkit_sent, nbdkit_secs) = nbdkit_run(
+        let (nbdkit_sent, nbdkit_secs, nbdkit_cpu) = nbdkit_run(
             &origin,
             size.volume,
             dir.path(),
@@ -272,8 +265,10 @@ pub fn run(size: Size, smoke: bool, progress: &Progress) -> Result<Vec<Round>> {
         rounds.push(Round {
             root_sent,
             canopy_secs,
+            canopy_cpu,
             nbdkit_sent,
             nbdkit_secs,
+            nbdkit_cpu,
         });
     }
     Ok(rounds)
@@ -296,6 +291,7 @@ pub fn table(rounds: &[Round], size: Size) -> Table {
             "nbdkit sent MiB",
             "nbdkit wall s",
             "wall canopy/nbdkit",
+            "CPU s canopy / nbdkit+fio",
             "target met",
         ],
     );
@@ -309,6 +305,7 @@ pub fn table(rounds: &[Round], size: Size) -> Table {
             format!("{:.1}", r.nbdkit_sent as f64 / (1u64 << 20) as f64),
             format!("{:.2}", r.nbdkit_secs),
             ratio(r.canopy_secs, r.nbdkit_secs),
+            format!("{:.1} / {:.1}", r.canopy_cpu, r.nbdkit_cpu),
             String::new(),
         ]);
     }
@@ -346,6 +343,11 @@ pub fn table(rounds: &[Round], size: Size) -> Table {
             median(&rounds.iter().map(|r| r.nbdkit_secs).collect::<Vec<_>>())
         ),
         format!("{wall_ratio:.2}×"),
+        format!(
+            "{:.1} / {:.1}",
+            median(&rounds.iter().map(|r| r.canopy_cpu).collect::<Vec<_>>()),
+            median(&rounds.iter().map(|r| r.nbdkit_cpu).collect::<Vec<_>>())
+        ),
         if met(sent, wall_ratio) { "yes" } else { "no" }.into(),
     ]);
     t.note(
@@ -371,7 +373,7 @@ mod tests {
         volume_file(&origin, volume, &progress).unwrap();
         let (keys, verify_key) = make_keys(&dir.path().join("keys")).unwrap();
         let rt = runtime().unwrap();
-        let (sent, secs) = rt
+        let (sent, secs, _) = rt
             .block_on(canopy_run(
                 &origin,
                 volume,
@@ -384,13 +386,5 @@ mod tests {
         assert!(secs > 0.0);
         assert!(sent >= RELAYS as u64 * volume, "{sent}");
         assert!(sent <= RELAYS as u64 * volume * 11 / 10, "{sent}");
-    }
-
-    #[test]
-    fn wchar_is_read_from_proc_io() {
-        let io = "rchar: 10\nwchar: 1234\nsyscr: 1\n";
-        assert_eq!(parse_wchar(io), Some(1234));
-        assert_eq!(parse_wchar("rchar: 1\n"), None);
-        assert!(written(std::process::id()).is_ok());
     }
 }
