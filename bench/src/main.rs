@@ -4,14 +4,14 @@
 //! table per workload, printed and, with `--out`, written to a file
 //! (`bench/run` writes `bench/results/DATE.md`).
 //!
-//! Each workload is a module (`b5`, ...) with a `bench(smoke, progress)`
+//! Each workload is a module (`b1` to `b6`) with a `bench(smoke, progress)`
 //! that returns its tables; `peers` starts nbdkit and runs fio for the
 //! workloads that compare against them, and `progress` shows long runs.
-//! Workloads not yet rebuilt on the harness have scripts of their own
-//! (`bench/cold-read.sh`).
 
 mod b1;
+mod b2;
 mod b3;
+mod b4;
 mod b5;
 mod b6;
 mod peers;
@@ -57,6 +57,14 @@ enum Workload {
     /// A relay's verify-and-forward of sealed records, GB/s on one core,
     /// at 4 KiB–1 MiB chunks, one by one and batched.
     B3,
+    /// Cold reads: a leaf with an empty cache reads a volume straight from
+    /// a root over loopback TCP, sealed and plain, against fio reading the
+    /// same file from nbdkit's file plugin; 1M sequential and 64k random.
+    B2,
+    /// Fan-out: a root, two untrusted relays, eight leaves reading the same
+    /// volume cold at once; the root's bytes sent and the wall time,
+    /// against eight fio jobs reading from one nbdkit.
+    B4,
     /// The stacked cache against moka and an LRU of equal capacity, on
     /// Zipf(0.99) and on scans mixed with a hot set.
     B5,
@@ -73,6 +81,8 @@ impl Workload {
         match self {
             Workload::B1 => b1::bench(smoke, progress),
             Workload::B3 => b3::bench(smoke, progress),
+            Workload::B2 => b2::bench(smoke, progress),
+            Workload::B4 => b4::bench(smoke, progress),
             Workload::B5 => b5::bench(smoke, progress),
             Workload::B6 => b6::bench(smoke, progress),
         }

@@ -85,7 +85,7 @@ impl Store {
             return Some(d.clone());
         }
         let stack = self.stack.as_ref()?;
-        let mut buf = BytesMut::zeroed(stack.chunk_size());
+        let mut buf = self.chunk_buf(stack.chunk_size());
         let found = if promote {
             stack.lookup(chunk, &mut buf)
         } else {
@@ -109,11 +109,21 @@ impl Store {
             return Some(d.clone());
         }
         let stack = self.stack.as_ref()?;
-        let mut buf = BytesMut::zeroed(stack.chunk_size());
+        let mut buf = self.chunk_buf(stack.chunk_size());
         match stack.peek(chunk, &mut buf) {
             Ok(Some(_)) => Some(self.with_tail(chunk, buf)),
             _ => None,
         }
+    }
+
+    /// A zeroed buffer of `cs` bytes with room for a relay's record tail,
+    /// so that [`Store::with_tail`] appends it in place: growing the buffer
+    /// there instead cost a relay a second allocation and copy of every
+    /// chunk it served (issue 5, B4's profile).
+    fn chunk_buf(&self, cs: usize) -> BytesMut {
+        let mut buf = BytesMut::with_capacity(cs + self.overhead);
+        buf.resize(cs, 0);
+        buf
     }
 
     /// A chunk's bytes from the stack, with its record tail on a relay.
@@ -133,7 +143,13 @@ impl Store {
                     Ok(()) => {
                         self.loose.remove(&chunk);
                         if self.overhead > 0 {
-                            self.tails.insert(chunk, data.slice(cs..));
+                            // A copy of the few bytes, not a slice: a slice
+                            // would keep the whole received record alive
+                            // beside the tier's copy of it, doubling a
+                            // relay's memory and making every record a
+                            // fresh allocation (issue 5, B4's profile).
+                            self.tails
+                                .insert(chunk, Bytes::copy_from_slice(&data[cs..]));
                         }
                         return;
                     }

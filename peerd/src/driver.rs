@@ -33,6 +33,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -57,6 +58,13 @@ use canopy_keys::SealedRecord;
 
 /// Events queued to the node task before readers wait for it.
 const EVENT_QUEUE: usize = 1024;
+
+/// What a link's reader asks the socket for at most in one read: a few
+/// 64 KiB chunk records (see `read_loop`).
+const READ_BUF: usize = 512 * 1024;
+
+/// A reader makes room for [`READ_BUF`] more once less than this is free.
+const READ_MIN: usize = 64 * 1024;
 
 /// Children's HEARTBEATs queued apart, ahead of everything else (see
 /// `deliver`); beyond this many they wait in the ordinary queue.
@@ -168,6 +176,22 @@ pub struct PeerStats {
     /// (lowered to it): a relay withholding invalidations shows here.
     #[serde(default)]
     pub grant_overclaims: u64,
+    /// Bytes written to the sockets of every link, parent and children,
+    /// since start (frames as sent: sealed records, headers, everything).
+    #[serde(default)]
+    pub bytes_sent: u64,
+    /// Bytes read from the sockets of every link since start.
+    #[serde(default)]
+    pub bytes_received: u64,
+}
+
+/// Bytes through a node's sockets, all its links together: what a tree
+/// costs its root in bandwidth (issue 5, B4) is a figure of its own, not
+/// one derived from message counts.
+#[derive(Debug, Default)]
+struct LinkBytes {
+    sent: AtomicU64,
+    received: AtomicU64,
 }
 
 /// Which link a reader serves.
@@ -437,6 +461,7 @@ pub fn start(node: Node, opts: DriverOptions) -> Peer {
     let local_addr = opts.listener.as_ref().and_then(|l| l.local_addr().ok());
 
     let keys = opts.keys.map(Arc::new);
+    let bytes = Arc::new(LinkBytes::default());
     let acceptor = opts.listener.map(|l| {
         tokio::spawn(accept_loop(
             l,
@@ -444,12 +469,19 @@ pub fn start(node: Node, opts: DriverOptions) -> Peer {
             heartbeats_tx.clone(),
             opts.name.clone(),
             keys.clone(),
+            bytes.clone(),
         ))
     });
     let (reset_tx, reset_rx) = mpsc::unbounded_channel();
-    let dialer = opts
-        .parent
-        .map(|addr| tokio::spawn(parent_loop(addr, events_tx.clone(), reset_rx, keys.clone())));
+    let dialer = opts.parent.map(|addr| {
+        tokio::spawn(parent_loop(
+            addr,
+            events_tx.clone(),
+            reset_rx,
+            keys.clone(),
+            bytes.clone(),
+        ))
+    });
     let lazy = node.config().connect_lazily;
     let (done_tx, done_rx) = mpsc::unbounded_channel();
     let (synced_tx, synced_rx) = mpsc::unbounded_channel();
@@ -502,6 +534,7 @@ pub fn start(node: Node, opts: DriverOptions) -> Peer {
         reads,
         view: opts.view,
         keys: keys.clone(),
+        bytes,
     };
     // The node's own logs (`canopy_node`) do not know its name: the span
     // gives them it, so that a tree in one process, or nodes sharing a log
@@ -585,6 +618,8 @@ struct NodeTask {
     view: Option<Arc<ReadView>>,
     /// The volume's keys, for the cookie stats.
     keys: Option<Arc<LinkKeys>>,
+    /// Socket bytes of every link, for the stats.
+    bytes: Arc<LinkBytes>,
 }
 
 impl NodeTask {
@@ -1163,6 +1198,8 @@ impl NodeTask {
             cache: self.node.cache_stats(),
             cookies: self.keys.as_ref().map(|k| k.cookie_stats()),
             grant_overclaims: self.keys.as_ref().map_or(0, |k| k.grant_overclaims()),
+            bytes_sent: self.bytes.sent.load(Ordering::Relaxed),
+            bytes_received: self.bytes.received.load(Ordering::Relaxed),
         }
     }
 
@@ -1265,15 +1302,28 @@ async fn sleep_until_opt(t: Option<Instant>) {
 /// close signal for the matching reader.
 /// `down`: the link leads to a child (grants going down get their signed
 /// expiry).
-fn spawn_link(wr: OwnedWriteHalf, keys: Option<Arc<LinkKeys>>, down: bool) -> (Link, LinkEnd) {
+fn spawn_link(
+    wr: OwnedWriteHalf,
+    keys: Option<Arc<LinkKeys>>,
+    down: bool,
+    bytes: Arc<LinkBytes>,
+) -> (Link, LinkEnd) {
     let (tx, rx) = mpsc::unbounded_channel();
     let close = Arc::new(Notify::new());
     let cookies = Arc::new(LinkCookies::default());
-    let writer = tokio::spawn(write_loop(wr, rx, keys, down, cookies.clone()));
+    let writer = tokio::spawn(write_loop(
+        wr,
+        rx,
+        keys,
+        down,
+        cookies.clone(),
+        bytes.clone(),
+    ));
     let end = LinkEnd {
         close: close.clone(),
         cookies,
         tx: tx.clone(),
+        bytes,
     };
     let link = Link {
         tx,
@@ -1292,6 +1342,8 @@ struct LinkEnd {
     cookies: Arc<LinkCookies>,
     /// The link's own answers (GET_COOKIES), past the node.
     tx: mpsc::UnboundedSender<Message>,
+    /// The node's socket byte counts.
+    bytes: Arc<LinkBytes>,
 }
 
 async fn accept_loop(
@@ -1300,6 +1352,7 @@ async fn accept_loop(
     heartbeats: mpsc::Sender<Event>,
     name: String,
     keys: Option<Arc<LinkKeys>>,
+    bytes: Arc<LinkBytes>,
 ) {
     let mut next_id: ChildId = 1;
     loop {
@@ -1318,7 +1371,7 @@ async fn accept_loop(
         let id = next_id;
         next_id += 1;
         let (rd, wr) = stream.into_split();
-        let (link, end) = spawn_link(wr, keys.clone(), true);
+        let (link, end) = spawn_link(wr, keys.clone(), true, bytes.clone());
         // ChildUp goes first on the same channel the reader will use, so the
         // node task knows the child before any of its messages.
         if events
@@ -1346,6 +1399,7 @@ async fn parent_loop(
     events: mpsc::Sender<Event>,
     mut resets: mpsc::UnboundedReceiver<u64>,
     keys: Option<Arc<LinkKeys>>,
+    bytes: Arc<LinkBytes>,
 ) {
     let mut gen = 0u64;
     let mut failures = 0u32;
@@ -1378,7 +1432,7 @@ async fn parent_loop(
         gen += 1;
         let up_since = Instant::now();
         let (rd, wr) = stream.into_split();
-        let (link, end) = spawn_link(wr, keys.clone(), false);
+        let (link, end) = spawn_link(wr, keys.clone(), false, bytes.clone());
         let close = end.close.clone();
         if events.send(Event::ParentUp { gen, link }).await.is_err() {
             return;
@@ -1443,7 +1497,7 @@ async fn read_loop(
     keys: Option<Arc<LinkKeys>>,
 ) {
     let close = end.close.clone();
-    let mut buf = BytesMut::with_capacity(64 * 1024);
+    let mut buf = BytesMut::with_capacity(READ_BUF);
     // The messages of one read, whose records are checked together (a
     // relay verifies their signatures as one batch).
     let mut batch: Vec<Message> = Vec::new();
@@ -1478,12 +1532,20 @@ async fn read_loop(
         if framing_lost {
             break 'outer;
         }
-        buf.reserve(16 * 1024);
+        // Room for several chunk records per read: fewer reads, and the
+        // records that arrive together are checked as one batch (see
+        // `deliver`). Once the messages split off the buffer are gone,
+        // this reuses its allocation rather than making a new one.
+        if buf.capacity() - buf.len() < READ_MIN {
+            buf.reserve(READ_BUF);
+        }
         tokio::select! {
             () = close.notified() => break,
             r = rd.read_buf(&mut buf) => match r {
                 Ok(0) => break,
-                Ok(_) => {}
+                Ok(n) => {
+                    end.bytes.received.fetch_add(n as u64, Ordering::Relaxed);
+                }
                 Err(e) => {
                     tracing::debug!(?src, error = %e, "read failed");
                     break;
@@ -1592,6 +1654,7 @@ async fn write_loop(
     keys: Option<Arc<LinkKeys>>,
     down: bool,
     link: Arc<LinkCookies>,
+    bytes: Arc<LinkBytes>,
 ) {
     let mut out = LinkOut {
         wr,
@@ -1599,6 +1662,7 @@ async fn write_loop(
         keys,
         down,
         link,
+        bytes,
         parked: VecDeque::new(),
         parked_since: None,
     };
@@ -1629,6 +1693,8 @@ struct LinkOut {
     /// The link leads to a child.
     down: bool,
     link: Arc<LinkCookies>,
+    /// The node's socket byte counts.
+    bytes: Arc<LinkBytes>,
     /// Sealed messages held back, in order, behind a write that waits for
     /// a cookie (parent link). HEARTBEATs pass them: they order nothing,
     /// and a parent that stopped hearing them would count us as failed.
@@ -1691,6 +1757,10 @@ impl LinkOut {
     /// Write out `buf`.
     async fn flush(&mut self) -> Result<(), LinkGone> {
         let r = self.wr.write_all(&self.buf).await;
+        if r.is_ok() {
+            let n = self.buf.len() as u64;
+            self.bytes.sent.fetch_add(n, Ordering::Relaxed);
+        }
         self.buf.clear();
         r.map_err(|e| {
             tracing::debug!(error = %e, "write failed");
