@@ -13,6 +13,10 @@
 /// the largest chunk record.
 pub const MMAP_THRESHOLD: usize = 4 << 20;
 
+// glibc caps the mmap threshold (HEAP_MAX_SIZE / 2, 32 MiB on 64-bit) and
+// refuses a larger one.
+const _: () = assert!(MMAP_THRESHOLD <= 32 << 20);
+
 /// Free memory at the top of the heap kept for reuse rather than returned
 /// to the kernel.
 pub const TRIM_THRESHOLD: usize = 64 << 20;
@@ -43,8 +47,5 @@ mod tests {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     fn glibc_takes_the_settings() {
         assert!(tune_for_chunks());
-        // glibc caps the mmap threshold (HEAP_MAX_SIZE / 2, 32 MiB on
-        // 64-bit); ours must stay under it or mallopt refuses it.
-        assert!(MMAP_THRESHOLD <= 32 << 20);
     }
 }
