@@ -1,6 +1,8 @@
 //! One group (set) of a tier: entry metadata, LRU stamps, and, for memory
 //! tiers, the bytes of every way.
 
+use crate::sketch::{Sketch, MAX_FREQ};
+
 /// Tag value of an empty entry. It matches no chunk because the public API
 /// refuses chunk number `u64::MAX`.
 pub(crate) const EMPTY: u64 = u64::MAX;
@@ -18,6 +20,11 @@ pub(crate) struct Entry {
     pub(crate) lru: u64,
     /// Newer than the backing store.
     pub(crate) dirty: bool,
+    /// How often the chunk was used lately (0..=15, halved when its set
+    /// ages): the admission filter's measure of what a newcomer would
+    /// displace. Counted here rather than in the set's sketch so that a
+    /// hit only touches the entry it already matched.
+    pub(crate) freq: u8,
 }
 
 impl Entry {
@@ -27,6 +34,7 @@ impl Entry {
         gen: 0,
         lru: 0,
         dirty: false,
+        freq: 0,
     };
 
     /// A chunk about to be placed (the LRU stamp is set on placement).
@@ -36,6 +44,7 @@ impl Entry {
             gen,
             lru: 0,
             dirty,
+            freq: 0,
         }
     }
 
@@ -62,6 +71,16 @@ pub(crate) struct Set {
     pub(crate) hits: u64,
     /// Lookups that did not.
     pub(crate) misses: u64,
+    /// The admission filter's counts of accesses to chunks *not* in this
+    /// set (see `sketch.rs`); only the top tier's, and only with admission
+    /// on, are ever counted.
+    pub(crate) sketch: Sketch,
+    /// Accesses counted (hits, and misses into the sketch) since this set
+    /// last aged.
+    ticks: u32,
+    /// Accesses between agings: ten per way, Caffeine's sample size scaled
+    /// to one set.
+    period: u32,
 }
 
 impl Set {
@@ -73,6 +92,61 @@ impl Set {
             clock: 0,
             hits: 0,
             misses: 0,
+            sketch: Sketch::default(),
+            ticks: 0,
+            period: (ways.min(u32::MAX as usize / 10) as u32 * 10).max(10),
+        }
+    }
+
+    /// A lookup found its chunk in `way`: recency, frequency, counters.
+    /// Everything it touches is this set's, under the lock the caller holds.
+    #[inline]
+    pub(crate) fn record_hit(&mut self, way: usize) {
+        self.touch(way);
+        self.hits += 1;
+        let e = &mut self.entries[way];
+        e.freq = (e.freq + 1).min(MAX_FREQ);
+        self.tick();
+    }
+
+    /// A lookup of `chunk` missed this set. With `count`, the access goes
+    /// into the sketch (the top tier with admission on).
+    #[inline]
+    pub(crate) fn record_miss(&mut self, chunk: u64, count: bool) {
+        self.misses += 1;
+        if count {
+            self.sketch.increment(chunk);
+            self.tick();
+        }
+    }
+
+    /// Whether `chunk`, absent, should be let in (TinyLFU's rule): yes if
+    /// a way is free, else only if it was used more often lately than the
+    /// chunk it would displace (the LRU way). Ties keep the resident: a
+    /// run of chunks seen once each (a scan) then cannot flush a set.
+    #[inline]
+    pub(crate) fn admits(&self, chunk: u64) -> bool {
+        let way = self.replacement_way();
+        let victim = &self.entries[way];
+        victim.is_vacant() || self.sketch.estimate(chunk) > victim.freq
+    }
+
+    /// Ages the set every `period` counted accesses.
+    #[inline]
+    fn tick(&mut self) {
+        self.ticks += 1;
+        if self.ticks >= self.period {
+            self.age();
+        }
+    }
+
+    /// Halves every frequency, in the sketch and in the entries, so that
+    /// what was popular long ago gives way to what is popular now.
+    pub(crate) fn age(&mut self) {
+        self.ticks = 0;
+        self.sketch.halve();
+        for e in self.entries.iter_mut() {
+            e.freq >>= 1;
         }
     }
 
