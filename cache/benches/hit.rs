@@ -49,6 +49,7 @@ fn top_tier_hits(c: &mut Criterion) {
                 mem(64, 4, HashKind::Mix { key: 1 }),
             ],
             victim_capacity: 64,
+            admission: false,
         },
         Arc::new(NullBacking),
     )
@@ -105,6 +106,7 @@ fn lower_tier_promotion(c: &mut Criterion) {
                 mem(16, 4, HashKind::Mix { key: 3 }),
             ],
             victim_capacity: 64,
+            admission: false,
         },
         Arc::new(NullBacking),
     )

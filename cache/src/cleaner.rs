@@ -32,6 +32,11 @@ impl Wake {
 
     /// Something entered the victim repository.
     pub(crate) fn notify(&self) {
+        // Already pending (the common case while spills keep coming): a
+        // load, not a read-modify-write of a line the cleaner also writes.
+        if self.pending.load(Ordering::Acquire) {
+            return;
+        }
         if !self.pending.swap(true, Ordering::AcqRel) {
             // Taking the lock orders this notify after a cleaner's check of
             // `pending`, so the wake-up can't fall between its check and wait.

@@ -67,6 +67,17 @@ pub struct CacheConfig {
     pub tiers: Vec<TierConfig>,
     /// Soft bound on the victim repository, in chunks.
     pub victim_capacity: usize,
+    /// The top tier's admission filter (TinyLFU): a read that misses
+    /// everywhere caches its chunk only if the chunk was used more often
+    /// lately than the one it would displace; otherwise it is served from
+    /// the backing store and not cached. Scans and one-off reads then stop
+    /// pushing hot chunks out. Only clean chunks are ever refused (writes,
+    /// dirty chunks, promotions and rescues always get in), so it is safe
+    /// wherever the backing store holds every chunk that isn't dirty in
+    /// the cache. A detached stack ignores it: its owner relies on what it
+    /// inserts being there. Off when absent from a saved configuration.
+    #[serde(default)]
+    pub admission: bool,
 }
 
 /// A live change to the stack's shape, applied by

@@ -57,6 +57,10 @@ impl CacheStack<Detached> {
     pub fn detached(config: CacheConfig) -> Result<Self, CacheError> {
         let mut stack = CacheStack::new(config, Arc::new(Detached))?;
         stack.owner_drains = true;
+        // The node counts on every chunk it inserts being there (with the
+        // permission its Block Table records), and a detached stack never
+        // fills; no chunk may be refused, and counting would be wasted.
+        stack.admission = false;
         Ok(stack)
     }
 

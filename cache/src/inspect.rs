@@ -35,6 +35,7 @@ impl<B: Backing> CacheStack<B> {
             chunk_size: self.chunk_size,
             tiers: layout.tiers.iter().map(|t| t.cfg.clone()).collect(),
             victim_capacity: self.victim_capacity,
+            admission: self.admission,
         }
     }
 

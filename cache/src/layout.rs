@@ -89,6 +89,9 @@ pub fn stack_layout(
         chunk_size,
         tiers,
         victim_capacity,
+        // Opt-in: the embedded volume turns it on (canopy-ublk's
+        // `cache_layout`); a tree node's detached stack must not refuse.
+        admission: false,
     })
 }
 

@@ -51,6 +51,18 @@
 //! re-inserts them into its new shape first), so dirty data always ends up
 //! in some tier or the victim repository, never lost.
 //!
+//! # Admission
+//!
+//! With [`CacheConfig::admission`] on, the top tier has a TinyLFU
+//! admission filter: a read that misses everywhere caches its chunk only if
+//! the chunk was used more often lately than the top-tier way it would
+//! displace, and is otherwise served straight from the backing store. Scans
+//! and one-off reads then stop pushing hot chunks out. Only clean reads are
+//! ever refused (writes, promotions and rescues always get in), and
+//! detached stacks ignore the setting. Frequencies live in each set, under
+//! the lock every access to the set already takes, so counting adds no
+//! shared state to the hit path.
+//!
 //! # Detached stacks
 //!
 //! A tree node's stack has no backing store it could call: a miss is asked
@@ -112,6 +124,7 @@ mod inspect;
 pub mod layout;
 mod reconfig;
 mod set;
+mod sketch;
 mod stack;
 mod stats;
 mod stripe;

@@ -1,6 +1,8 @@
 //! One group (set) of a tier: entry metadata, LRU stamps, and, for memory
 //! tiers, the bytes of every way.
 
+use crate::sketch::{Sketch, MAX_FREQ};
+
 /// Tag value of an empty entry. It matches no chunk because the public API
 /// refuses chunk number `u64::MAX`.
 pub(crate) const EMPTY: u64 = u64::MAX;
@@ -18,6 +20,11 @@ pub(crate) struct Entry {
     pub(crate) lru: u64,
     /// Newer than the backing store.
     pub(crate) dirty: bool,
+    /// How often the chunk was used lately (0..=15, halved when its set
+    /// ages): the admission filter's measure of what a newcomer would
+    /// displace. Counted here rather than in the set's sketch so that a
+    /// hit only touches the entry it already matched.
+    pub(crate) freq: u8,
 }
 
 impl Entry {
@@ -27,6 +34,7 @@ impl Entry {
         gen: 0,
         lru: 0,
         dirty: false,
+        freq: 0,
     };
 
     /// A chunk about to be placed (the LRU stamp is set on placement).
@@ -36,6 +44,7 @@ impl Entry {
             gen,
             lru: 0,
             dirty,
+            freq: 0,
         }
     }
 
@@ -49,8 +58,17 @@ impl Entry {
 /// One set. Lives inside its own `Mutex`, so everything here (including the
 /// hit counters) is updated under a lock the accessor already holds; no
 /// shared atomics on the hit path.
+///
+/// `repr(C)` keeps what every lookup reads (the tag array's pointer, the
+/// entries', the data's) first, next to the mutex word, and the sketch,
+/// read only on a miss, last.
+#[repr(C)]
 pub(crate) struct Set {
-    /// One per way.
+    /// Each way's tag (a copy of `entries[w].tag`), so that a lookup scans
+    /// one cache line of tags (8 ways) rather than four of entries. Kept in
+    /// step by `place` and `vacate`, the only places a tag changes.
+    tags: Box<[u64]>,
+    /// One per way. Change a tag only through `place` and `vacate`.
     pub(crate) entries: Box<[Entry]>,
     /// Memory tiers: `ways * chunk_size` bytes, way `w` at `w * chunk_size`.
     /// Disk tiers: empty (the data is in the tier's file).
@@ -62,24 +80,98 @@ pub(crate) struct Set {
     pub(crate) hits: u64,
     /// Lookups that did not.
     pub(crate) misses: u64,
+    /// Accesses counted (hits, and misses into the sketch) since this set
+    /// last aged.
+    ticks: u32,
+    /// Accesses between agings: ten per way, Caffeine's sample size scaled
+    /// to one set.
+    period: u32,
+    /// The admission filter's counts of accesses to chunks *not* in this
+    /// set (see `sketch.rs`); only the top tier's, and only with admission
+    /// on, are ever counted.
+    pub(crate) sketch: Sketch,
 }
 
 impl Set {
     /// An empty set of `ways` ways holding `data_bytes` bytes of data.
     pub(crate) fn new(ways: usize, data_bytes: usize) -> Set {
         Set {
+            tags: vec![EMPTY; ways].into_boxed_slice(),
             entries: vec![Entry::VACANT; ways].into_boxed_slice(),
             data: vec![0u8; data_bytes].into_boxed_slice(),
             clock: 0,
             hits: 0,
             misses: 0,
+            sketch: Sketch::default(),
+            ticks: 0,
+            period: (ways.min(u32::MAX as usize / 10) as u32 * 10).max(10),
+        }
+    }
+
+    /// A lookup found its chunk in `way`: recency, frequency, counters.
+    /// Everything it touches is this set's, under the lock the caller holds.
+    #[inline]
+    pub(crate) fn record_hit(&mut self, way: usize) {
+        self.touch(way);
+        self.hits += 1;
+        let e = &mut self.entries[way];
+        e.freq = (e.freq + 1).min(MAX_FREQ);
+        self.tick();
+    }
+
+    /// A lookup of `chunk` missed this set. With `count`, the access goes
+    /// into the sketch (the top tier with admission on).
+    #[inline]
+    pub(crate) fn record_miss(&mut self, chunk: u64, count: bool) {
+        self.misses += 1;
+        if count {
+            self.sketch.increment(chunk);
+            self.tick();
+        }
+    }
+
+    /// Whether `chunk`, absent, should be let in (TinyLFU's rule): yes if
+    /// a way is free, else only if it was used more often lately than the
+    /// chunk it would displace (the LRU way). Ties keep the resident: a
+    /// run of chunks seen once each (a scan) then cannot flush a set.
+    #[inline]
+    pub(crate) fn admits(&self, chunk: u64) -> bool {
+        let way = self.replacement_way();
+        let victim = &self.entries[way];
+        victim.is_vacant() || self.sketch.estimate(chunk) > victim.freq
+    }
+
+    /// Ages the set every `period` counted accesses.
+    #[inline]
+    fn tick(&mut self) {
+        self.ticks += 1;
+        if self.ticks >= self.period {
+            self.age();
+        }
+    }
+
+    /// Halves every frequency, in the sketch and in the entries, so that
+    /// what was popular long ago gives way to what is popular now.
+    pub(crate) fn age(&mut self) {
+        self.ticks = 0;
+        self.sketch.halve();
+        for e in self.entries.iter_mut() {
+            e.freq >>= 1;
         }
     }
 
     /// The way holding `tag`, if any.
     #[inline]
     pub(crate) fn find(&self, tag: u64) -> Option<usize> {
-        self.entries.iter().position(|e| e.tag == tag)
+        let way = self.tags.iter().position(|&t| t == tag);
+        debug_assert!(
+            self.tags
+                .iter()
+                .zip(self.entries.iter())
+                .all(|(&t, e)| t == e.tag),
+            "a tag changed without place or vacate"
+        );
+        way
     }
 
     /// Marks `way` most recently used.
@@ -92,11 +184,11 @@ impl Set {
     /// The way a new chunk should go into: the first vacant one, else the
     /// least recently used (whose chunk must then be moved out first).
     pub(crate) fn replacement_way(&self) -> usize {
+        if let Some(w) = self.tags.iter().position(|&t| t == EMPTY) {
+            return w;
+        }
         let mut best = 0;
         for (w, e) in self.entries.iter().enumerate() {
-            if e.is_vacant() {
-                return w;
-            }
             if e.lru < self.entries[best].lru {
                 best = w;
             }
@@ -106,12 +198,14 @@ impl Set {
 
     /// Puts `entry` into `way` as the most recently used.
     pub(crate) fn place(&mut self, way: usize, entry: Entry) {
+        self.tags[way] = entry.tag;
         self.entries[way] = entry;
         self.touch(way);
     }
 
     /// Empties `way`.
     pub(crate) fn vacate(&mut self, way: usize) {
+        self.tags[way] = EMPTY;
         self.entries[way] = Entry::VACANT;
     }
 

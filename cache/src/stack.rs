@@ -75,6 +75,9 @@ pub struct CacheStack<B: Backing> {
     /// ([`CacheStack::detached`]): no back-pressure draining, and a miss is
     /// reported instead of filled.
     pub(crate) owner_drains: bool,
+    /// The top tier's admission filter is on ([`CacheConfig::admission`];
+    /// never for a detached stack).
+    pub(crate) admission: bool,
 }
 
 /// One access, carried into the slow path.
@@ -137,8 +140,7 @@ impl Access<'_> {
                 res
             }
         };
-        set.touch(way);
-        set.hits += 1;
+        set.record_hit(way);
         res
     }
 
@@ -199,6 +201,16 @@ pub(crate) fn cascade(
         let mut set = tier.sets[s].lock();
         let way = set.replacement_way();
         let old = set.entries[way];
+        if t == 0 {
+            // The top tier's admission filter: the newcomer starts with the
+            // frequency its set's sketch remembers (misses, and what it
+            // earned before it last left), and the chunk it displaces hands
+            // its own back to the sketch.
+            cur_e.freq = cur_e.freq.max(set.sketch.estimate(cur_e.tag));
+            if !old.is_vacant() {
+                set.sketch.raise(old.tag, old.freq);
+            }
+        }
         if old.is_vacant() {
             if tier.store(&mut set, s, way, cur).is_ok() {
                 set.place(way, cur_e);
@@ -259,6 +271,7 @@ impl<B: Backing> CacheStack<B> {
             writebacks: AtomicU64::new(0),
             victim_errors: AtomicU64::new(0),
             owner_drains: false,
+            admission: config.admission,
         })
     }
 
@@ -309,6 +322,7 @@ impl<B: Backing> CacheStack<B> {
         if buf.is_empty() {
             return Ok(());
         }
+        let mut admit = true;
         // Fast path: shared layout lock, one set lock, a copy. No allocation.
         {
             let layout = self.layout.read();
@@ -317,14 +331,16 @@ impl<B: Backing> CacheStack<B> {
                 let mut set = top.sets[s].lock();
                 if let Some(way) = set.find(chunk) {
                     let res = top.read_range(&set, s, way, offset, buf);
-                    set.touch(way);
-                    set.hits += 1;
+                    set.record_hit(way);
                     return res.map_err(CacheError::from);
                 }
-                set.misses += 1;
+                set.record_miss(chunk, self.admission);
+                // Decided now, while the set is locked anyway; the slow
+                // path applies it only if the chunk is absent everywhere.
+                admit = !self.admission || set.admits(chunk);
             }
         }
-        self.slow(chunk, Access::Read { offset, buf }, false)
+        self.slow(chunk, Access::Read { offset, buf }, false, admit)
     }
 
     /// Write-back write: data lands in the cache, dirty. A partial write to a missing chunk fills it first (read-modify-write); a whole-chunk write does not read the backing.
@@ -371,27 +387,49 @@ impl<B: Backing> CacheStack<B> {
                         .apply_top(top, &mut set, s, way)
                         .map_err(CacheError::from);
                 }
-                set.misses += 1;
+                set.record_miss(chunk, self.admission);
             }
         }
-        self.slow(chunk, Access::Write { offset, src, dirty }, stripe_held)
+        // Writes are always admitted (see `slow`).
+        self.slow(
+            chunk,
+            Access::Write { offset, src, dirty },
+            stripe_held,
+            true,
+        )
     }
 
     /// Everything that isn't a top-tier hit: promotion from a lower tier,
     /// rescue from the victim repository, or a miss (fill from the backing
     /// and insert). Every insertion cascades demotions down the stack.
+    ///
+    /// `admit: false` is the admission filter's verdict on a read that
+    /// missed the top tier: if the chunk turns out to be absent everywhere,
+    /// the read is served from the backing without caching the chunk. Only
+    /// a read of an attached stack is ever refused: its chunk is clean (the
+    /// backing holds exactly these bytes), so not caching it loses nothing.
+    /// Writes, promotions and rescues are always admitted.
     fn slow(
         &self,
         chunk: u64,
         mut access: Access<'_>,
         stripe_held: bool,
+        admit: bool,
     ) -> Result<(), CacheError> {
         let needs_fill = access.needs_fill(self.chunk_size);
-        // Taken only once the chunk is known to be absent: a chunk that is
-        // cached somewhere can be promoted without touching the backing, so
-        // it needn't wait behind (say) a writeback on the same stripe.
+        let refuse =
+            !admit && self.admission && !self.owner_drains && matches!(access, Access::Read { .. });
+        // A chunk that is cached somewhere can be promoted without touching
+        // the backing, so it needn't wait behind (say) a writeback on the
+        // same stripe: the stripe is taken up front only if it is free
+        // (the common case, which spares a miss a second search), and
+        // otherwise only once the chunk is known to be absent.
         let mut stripe: Option<MutexGuard<'_, ()>> = None;
         let mut have_stripe = stripe_held;
+        if !have_stripe {
+            stripe = self.stripes.of(chunk).try_lock();
+            have_stripe = stripe.is_some();
+        }
         let mut filled: Option<Box<[u8]>> = None;
         let mut first = true;
         let (result, after) = loop {
@@ -403,11 +441,23 @@ impl<B: Backing> CacheStack<B> {
                 spare,
             } = &mut *guard;
             let tiers = &layout.tiers[..];
-            let found = find_in_tiers(tiers, chunk, first);
+            // Once filled, the chunk was absent with its stripe held, and
+            // it still is: every insertion of an absent chunk holds its
+            // stripe, and nothing else makes a chunk appear.
+            let found = if filled.is_some() {
+                None
+            } else {
+                find_in_tiers(tiers, chunk, first)
+            };
             first = false;
-            let res = match found {
+            let rescued = if filled.is_some() || found.is_some() {
+                None
+            } else {
+                victim.take(chunk)
+            };
+            let res = match (found, rescued) {
                 // Someone promoted or inserted it since our fast-path miss.
-                Some((0, s, w)) => {
+                (Some((0, s, w)), _) => {
                     let top = &tiers[0];
                     let mut set = top.sets[s].lock();
                     access
@@ -416,7 +466,7 @@ impl<B: Backing> CacheStack<B> {
                 }
                 // Promotion: take it out of tier t, serve the access from the
                 // staging copy, insert at the top (cascading demotions).
-                Some((t, s, w)) => {
+                (Some((t, s, w)), _) => {
                     let tier = &tiers[t];
                     let mut set = tier.sets[s].lock();
                     let mut e = set.entries[w];
@@ -437,55 +487,82 @@ impl<B: Backing> CacheStack<B> {
                         }
                     }
                 }
-                None => match victim.take(chunk) {
-                    // Rescue: the repository's buffer becomes the staging
-                    // buffer (no copy) and the old staging buffer is recycled.
-                    Some(mut ve) => {
-                        std::mem::swap(incoming, &mut ve.data);
-                        victim.recycle(ve.data);
-                        victim.rescues += 1;
-                        let mut e = Entry::new(chunk, ve.dirty, ve.gen);
-                        access.apply(incoming, &mut e);
-                        cascade(tiers, victim, incoming, spare, 0, e);
-                        Ok(())
+                // Rescue: the repository's buffer becomes the staging
+                // buffer (no copy) and the old staging buffer is recycled.
+                (None, Some(mut ve)) => {
+                    std::mem::swap(incoming, &mut ve.data);
+                    victim.recycle(ve.data);
+                    victim.rescues += 1;
+                    let mut e = Entry::new(chunk, ve.dirty, ve.gen);
+                    access.apply(incoming, &mut e);
+                    cascade(tiers, victim, incoming, spare, 0, e);
+                    Ok(())
+                }
+                // A detached stack has nothing to fill from.
+                (None, None) if self.owner_drains && needs_fill => {
+                    Err(CacheError::NotCached { chunk })
+                }
+                (None, None) => {
+                    if !have_stripe {
+                        // Lock order is stripe before layout/movement:
+                        // let go, take the stripe, look again.
+                        drop(guard);
+                        drop(layout);
+                        stripe = Some(self.stripes.of(chunk).lock());
+                        have_stripe = true;
+                        continue;
                     }
-                    // A detached stack has nothing to fill from.
-                    None if self.owner_drains && needs_fill => Err(CacheError::NotCached { chunk }),
-                    None => {
-                        if !have_stripe {
-                            // Lock order is stripe before layout/movement:
-                            // let go, take the stripe, look again.
-                            drop(guard);
-                            drop(layout);
-                            stripe = Some(self.stripes.of(chunk).lock());
-                            have_stripe = true;
-                            continue;
-                        }
-                        if needs_fill && filled.is_none() {
-                            // With the stripe held the chunk can't be
-                            // inserted, written back or zeroed by anyone
-                            // else, so the backing's bytes stay current
-                            // while we read them without the movement lock.
-                            let mut buf = victim.take_buf();
-                            drop(guard);
-                            drop(layout);
-                            self.backing.read_chunk(chunk, &mut buf)?;
+                    if refuse {
+                        // With the stripe held the backing's bytes are the
+                        // chunk's current ones (nobody can write it back,
+                        // zero it or cache it meanwhile); serve the read
+                        // from them and leave the cache as it is.
+                        tiers[0].refused.fetch_add(1, Ordering::Relaxed);
+                        let mut buf = victim.take_buf();
+                        drop(guard);
+                        drop(layout);
+                        let res = self.backing.read_chunk(chunk, &mut buf);
+                        if res.is_ok() {
                             self.fills.fetch_add(1, Ordering::Relaxed);
-                            filled = Some(buf);
-                            continue;
+                            let mut e = Entry::new(chunk, false, 0);
+                            access.apply(&mut buf, &mut e);
                         }
-                        let mut e = Entry::new(chunk, false, 0);
-                        if let Some(mut buf) = filled.take() {
-                            std::mem::swap(incoming, &mut buf);
-                            victim.recycle(buf);
-                        }
-                        // A whole-chunk write overwrites every staging byte.
-                        access.apply(incoming, &mut e);
-                        cascade(tiers, victim, incoming, spare, 0, e);
-                        Ok(())
+                        // Movement alone (no layout) is fine in lock order.
+                        self.movement.lock().victim.recycle(buf);
+                        return res.map_err(CacheError::from);
                     }
-                },
+                    if needs_fill && filled.is_none() {
+                        // With the stripe held the chunk can't be
+                        // inserted, written back or zeroed by anyone
+                        // else, so the backing's bytes stay current
+                        // while we read them without the movement lock.
+                        let mut buf = victim.take_buf();
+                        drop(guard);
+                        drop(layout);
+                        if let Err(e) = self.backing.read_chunk(chunk, &mut buf) {
+                            self.movement.lock().victim.recycle(buf);
+                            return Err(e.into());
+                        }
+                        self.fills.fetch_add(1, Ordering::Relaxed);
+                        filled = Some(buf);
+                        continue;
+                    }
+                    let mut e = Entry::new(chunk, false, 0);
+                    if let Some(mut buf) = filled.take() {
+                        std::mem::swap(incoming, &mut buf);
+                        victim.recycle(buf);
+                    }
+                    // A whole-chunk write overwrites every staging byte.
+                    access.apply(incoming, &mut e);
+                    cascade(tiers, victim, incoming, spare, 0, e);
+                    Ok(())
+                }
             };
+            if !self.owner_drains {
+                // Clean victims are dropped on the spot (what back-pressure
+                // would do next, without taking the locks again).
+                victim.drop_clean_excess();
+            }
             break (res, AfterMove::of(victim));
         };
         drop(stripe);

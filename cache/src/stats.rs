@@ -33,6 +33,11 @@ pub struct TierStats {
     /// moved to the victim repository instead of being lost).
     #[serde(default)]
     pub io_errors: u64,
+    /// Reads whose chunk the admission filter kept out of this (the top)
+    /// tier: served from the backing store, not cached, because the chunk
+    /// was used less often lately than the one it would have displaced.
+    #[serde(default)]
+    pub refused: u64,
 }
 
 /// The victim repository's state and counters.

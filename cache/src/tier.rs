@@ -62,6 +62,9 @@ pub(crate) struct Tier {
     pub(crate) demotions: AtomicU64,
     pub(crate) evictions: AtomicU64,
     pub(crate) io_errors: AtomicU64,
+    /// Reads the admission filter served without caching their chunk
+    /// (only ever counted on the top tier).
+    pub(crate) refused: AtomicU64,
 }
 
 impl Tier {
@@ -96,6 +99,7 @@ impl Tier {
             demotions: AtomicU64::new(0),
             evictions: AtomicU64::new(0),
             io_errors: AtomicU64::new(0),
+            refused: AtomicU64::new(0),
         })
     }
 
@@ -126,6 +130,7 @@ impl Tier {
             (&self.demotions, &old.demotions),
             (&self.evictions, &old.evictions),
             (&self.io_errors, &old.io_errors),
+            (&self.refused, &old.refused),
         ] {
             mine.fetch_add(theirs.load(Ordering::Relaxed), Ordering::Relaxed);
         }
@@ -245,6 +250,7 @@ impl Tier {
             demotions: self.demotions.load(Ordering::Relaxed),
             evictions: self.evictions.load(Ordering::Relaxed),
             io_errors: self.io_errors.load(Ordering::Relaxed),
+            refused: self.refused.load(Ordering::Relaxed),
             ..TierStats::default()
         };
         for set in self.sets.iter() {

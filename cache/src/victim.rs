@@ -82,6 +82,24 @@ impl Victim {
         self.map.len() > self.capacity
     }
 
+    /// Drops clean entries from the front of the drain order while the
+    /// repository is over capacity, stopping at the first dirty one (that
+    /// needs a writeback, which back-pressure or the cleaner does). Never
+    /// for a detached stack, whose "clean" entries may hold writes only
+    /// its owner knows about.
+    pub(crate) fn drop_clean_excess(&mut self) {
+        while self.over_capacity() {
+            match self.oldest() {
+                Some((c, false)) => {
+                    self.discard(c);
+                    self.drains += 1;
+                    self.drops += 1;
+                }
+                _ => break,
+            }
+        }
+    }
+
     /// The entry for `chunk`.
     pub(crate) fn get(&self, chunk: u64) -> Option<&VEntry> {
         self.map.get(&chunk)

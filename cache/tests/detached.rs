@@ -28,6 +28,8 @@ fn config(dir: Option<&std::path::Path>) -> CacheConfig {
         chunk_size: CS,
         tiers,
         victim_capacity: 2,
+        // Ignored by a detached stack, which must never refuse.
+        admission: true,
     }
 }
 

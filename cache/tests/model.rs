@@ -330,6 +330,7 @@ proptest! {
     fn cache_matches_model(
         tiers in prop::collection::vec(tier_spec(), 1..=3),
         capacity in 0usize..4,
+        admission in any::<bool>(),
         ops in prop::collection::vec(op(), 1..200),
     ) {
         let dir = DIR.with(|d| d.path().to_path_buf());
@@ -337,6 +338,7 @@ proptest! {
             chunk_size: CS,
             tiers: tiers.iter().map(|t| tier_config(&dir, t)).collect(),
             victim_capacity: capacity,
+            admission,
         };
         let backing = Arc::new(MemBacking::new(CS));
         let cache = CacheStack::new(config, Arc::clone(&backing)).map_err(fail)?;

@@ -86,6 +86,8 @@ fn top_tier_hits_do_not_allocate() {
                     hash: HashKind::Mix { key: 5 },
                 }],
                 victim_capacity: 8,
+                // The filter's counting is on the hit path too.
+                admission: true,
             },
             Arc::new(Zeros),
         )

@@ -32,6 +32,7 @@ fn stack(
         chunk_size: CS,
         tiers,
         victim_capacity,
+        admission: false,
     };
     (CacheStack::new(cfg, Arc::clone(&backing)).unwrap(), backing)
 }
@@ -410,6 +411,7 @@ fn invalid_configs_are_rejected() {
                 chunk_size,
                 tiers,
                 victim_capacity: 4,
+                admission: false,
             },
             Arc::clone(&backing),
         )

@@ -144,6 +144,8 @@ fn concurrent_io_with_reconfiguration_and_cleaner() {
             },
         ],
         victim_capacity: 4,
+        // Refusals race the cleaner and reconfiguration too.
+        admission: true,
     };
     let cache = Arc::new(CacheStack::new(config, Arc::clone(&backing)).unwrap());
     let cleaner = cache.spawn_cleaner(Duration::from_millis(1));
@@ -270,6 +272,7 @@ fn shared_chunks_never_tear() {
             },
         ],
         victim_capacity: 1,
+        admission: true,
     };
     let cache = Arc::new(CacheStack::new(config, Arc::clone(&backing)).unwrap());
     let cleaner = cache.spawn_cleaner(Duration::from_millis(1));

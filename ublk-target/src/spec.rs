@@ -36,12 +36,21 @@ pub use canopy_cache::layout::{
 /// The embedded volume's layout: [`canopy_cache::layout::stack_layout`] with
 /// a victim repository of at least 16 chunks, enough to absorb bursts of
 /// demotions while the cleaner writes back.
+///
+/// The admission filter is on ([`CacheConfig::admission`]): a scan (a
+/// backup, `dd`, fsck) or a one-off read is served from the origin rather
+/// than pushing the volume's hot chunks out.
 pub fn cache_layout(
     chunk_size: usize,
     cache_mem: u64,
     cache_disk: &[(PathBuf, u64)],
 ) -> Result<CacheConfig, LayoutError> {
-    canopy_cache::layout::stack_layout(chunk_size, cache_mem, cache_disk, 16)
+    let mut config = canopy_cache::layout::stack_layout(chunk_size, cache_mem, cache_disk, 16)?;
+    // Safe here: the origin holds every chunk that is not dirty in the
+    // cache, and only such chunks' reads are ever refused (served from the
+    // origin instead of cached). A tree node's detached stack never uses it.
+    config.admission = true;
+    Ok(config)
 }
 
 #[cfg(test)]

@@ -33,6 +33,8 @@ fn volume(dir: &tempfile::TempDir, mode: CacheMode) -> Volume {
             },
         ],
         victim_capacity: 3,
+        // As the daemon builds it (`cache_layout`).
+        admission: true,
     };
     Volume::new(
         Arc::new(CacheStack::new(cfg, Arc::new(origin)).expect("cache")),
