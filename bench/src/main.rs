@@ -54,13 +54,13 @@ enum Workload {
     /// plugin, 4k random read at QD32 and 1M sequential read at QD8, on
     /// Unix sockets.
     B1,
-    /// A relay's verify-and-forward of sealed records, GB/s on one core,
-    /// at 4 KiB–1 MiB chunks, one by one and batched.
-    B3,
     /// Cold reads: a leaf with an empty cache reads a volume straight from
     /// a root over loopback TCP, sealed and plain, against fio reading the
     /// same file from nbdkit's file plugin; 1M sequential and 64k random.
     B2,
+    /// A relay's verify-and-forward of sealed records, GB/s on one core,
+    /// at 4 KiB–1 MiB chunks, one by one and batched.
+    B3,
     /// Fan-out: a root, two untrusted relays, eight leaves reading the same
     /// volume cold at once; the root's bytes sent and the wall time,
     /// against eight fio jobs reading from one nbdkit.
@@ -80,8 +80,8 @@ impl Workload {
     fn run(self, smoke: bool, progress: &Progress) -> Result<Vec<Table>> {
         match self {
             Workload::B1 => b1::bench(smoke, progress),
-            Workload::B3 => b3::bench(smoke, progress),
             Workload::B2 => b2::bench(smoke, progress),
+            Workload::B3 => b3::bench(smoke, progress),
             Workload::B4 => b4::bench(smoke, progress),
             Workload::B5 => b5::bench(smoke, progress),
             Workload::B6 => b6::bench(smoke, progress),
@@ -97,7 +97,7 @@ impl Workload {
 }
 
 fn main() -> Result<()> {
-    // As canopy's daemons do, so that the in-process workloads (B3) run
+    // As canopy's daemons do, so that the in-process workloads (B2–B4) run
     // with the product's allocator settings: chunk buffers off mmap.
     canopy_peerd::alloc::tune_for_chunks();
     let args = Args::parse();
