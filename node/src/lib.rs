@@ -22,6 +22,7 @@ mod client;
 mod config;
 mod durable;
 mod entry;
+mod inflight;
 mod local;
 mod node;
 mod retry;

@@ -11,6 +11,7 @@ use canopy_proto::{Flags, IoOp, Message, Opcode, Perm, Status};
 use crate::config::{NodeConfig, Role, WriteMode};
 use crate::durable::{Durability, Durable};
 use crate::entry::{ChunkView, Entry, Pending, Req, Requester, UpKind};
+use crate::inflight::InFlight;
 use crate::local::{LocalId, LocalReply};
 use crate::store::Store;
 use crate::version::Incoming;
@@ -183,7 +184,7 @@ pub struct Node {
     pub(crate) table: HashMap<u64, Entry>,
     pub(crate) actions: VecDeque<Action>,
     pub(crate) next_xid: u32,
-    pub(crate) outstanding: HashMap<u32, Outstanding>,
+    pub(crate) outstanding: InFlight,
     pub(crate) upstream: Upstream,
     /// Child CONNECTs waiting for our own CONNECT to be answered.
     pub(crate) waiting_connect: Vec<(ChildId, Message)>,
@@ -264,7 +265,7 @@ impl Node {
             table: HashMap::new(),
             actions: VecDeque::new(),
             next_xid: 1,
-            outstanding: HashMap::new(),
+            outstanding: InFlight::default(),
             upstream: Upstream::Down,
             waiting_connect: Vec::new(),
             waiting_local: Vec::new(),

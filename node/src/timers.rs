@@ -360,10 +360,7 @@ impl Node {
 
     /// Releases and sync-daemon FLUSHes sent and not yet answered.
     pub fn releases_in_flight(&self) -> usize {
-        self.outstanding
-            .values()
-            .filter(|o| matches!(o, Outstanding::Release { .. }))
-            .count()
+        self.outstanding.releases()
     }
 
     /// Chunks whose newest data is only here (async writes not yet sent up).
