@@ -28,7 +28,7 @@ use rand::{Rng, SeedableRng};
 
 use crate::peers::{self, Endpoint, FioJob, Server};
 use crate::progress::Progress;
-use crate::table::{ratio, Table};
+use crate::table::{median, ratio, Table};
 
 /// How big a run is.
 #[derive(Clone, Copy, Debug)]
@@ -96,18 +96,6 @@ pub struct Samples {
     pub canopy: Vec<f64>,
     /// nbdkit's figure per round.
     pub nbdkit: Vec<f64>,
-}
-
-/// The median of `v` (the mean of the middle two for an even count); 0 for
-/// none.
-pub fn median(v: &[f64]) -> f64 {
-    let mut s: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
-    s.sort_by(f64::total_cmp);
-    match s.len() {
-        0 => 0.0,
-        n if n % 2 == 1 => s[n / 2],
-        n => (s[n / 2 - 1] + s[n / 2]) / 2.0,
-    }
 }
 
 /// The lowest and highest per-round ratio canopy / nbdkit.
@@ -403,10 +391,6 @@ mod tests {
 
     #[test]
     fn medians_and_ratio_ranges() {
-        assert_eq!(median(&[]), 0.0);
-        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
-        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
-        assert_eq!(median(&[f64::NAN, 1.0]), 1.0);
         let s = Samples {
             canopy: vec![2.0, 3.0],
             nbdkit: vec![2.0, 2.0],

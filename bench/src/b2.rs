@@ -37,7 +37,7 @@ use tokio::task::JoinSet;
 
 use crate::peers::{fio, nbdkit, Endpoint, FioJob};
 use crate::progress::Progress;
-use crate::table::{ratio, Table};
+use crate::table::{median, ratio, Table};
 
 /// The volume's chunk size: canopy's default (64 KiB).
 pub const CHUNK: u64 = 64 << 10;
@@ -532,17 +532,6 @@ pub fn scratch() -> PathBuf {
         .unwrap_or_else(std::env::temp_dir)
 }
 
-/// The median of `v` (the mean of the middle two for an even count).
-pub fn median(v: &[f64]) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(|a, b| a.total_cmp(b));
-    match s.len() {
-        0 => 0.0,
-        n if n % 2 == 1 => s[n / 2],
-        n => (s[n / 2 - 1] + s[n / 2]) / 2.0,
-    }
-}
-
 /// B2's table: each round, then the medians (of the figures, and of the
 /// per-round ratios).
 pub fn table(results: &[(Pattern, Vec<Round>)], size: Size) -> Table {
@@ -641,9 +630,7 @@ mod tests {
     }
 
     #[test]
-    fn medians_and_samples() {
-        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
-        assert_eq!(median(&[4.0, 1.0]), 2.5);
+    fn samples_and_whole_chunks() {
         assert_eq!(samples(1), vec![0]);
         assert_eq!(samples(100), vec![0, 33, 50, 66, 99]);
         assert_eq!(whole_chunks(CHUNK * 3).unwrap(), 3);

@@ -24,7 +24,7 @@ use canopy_proto::{IoOp, Message, Opcode};
 use nix::time::{clock_gettime, ClockId};
 
 use crate::progress::Progress;
-use crate::table::{ratio, Table};
+use crate::table::{median, ratio, Table};
 
 /// The chunk sizes the issue names.
 const SIZES: [usize; 4] = [4 << 10, 64 << 10, 256 << 10, 1 << 20];
@@ -77,12 +77,12 @@ pub fn bench(smoke: bool, progress: &Progress) -> Result<Vec<Table>> {
     let mut rows = Vec::new();
     for chunk in SIZES {
         let msgs = sealed(&trusted, chunk, BATCH)?;
-        let single = median(size.rounds, || forward(&relay, &msgs, 1, size.bytes))?;
+        let single = median_of(size.rounds, || forward(&relay, &msgs, 1, size.bytes))?;
         bar.inc(1);
-        let batched = median(size.rounds, || forward(&relay, &msgs, BATCH, size.bytes))?;
+        let batched = median_of(size.rounds, || forward(&relay, &msgs, BATCH, size.bytes))?;
         bar.inc(1);
         let plain = Bytes::from(vec![7u8; chunk]);
-        let blake3 = median(size.rounds, || hash_rate(&plain, size.bytes))?;
+        let blake3 = median_of(size.rounds, || hash_rate(&plain, size.bytes))?;
         bar.inc(1);
         rows.push(Row {
             size: chunk,
@@ -162,12 +162,11 @@ fn gbps(bytes: usize, took: Duration) -> f64 {
 }
 
 /// The median of `rounds` measurements.
-fn median(rounds: usize, mut f: impl FnMut() -> Result<f64>) -> Result<f64> {
-    let mut v = (0..rounds.max(1))
+fn median_of(rounds: usize, mut f: impl FnMut() -> Result<f64>) -> Result<f64> {
+    let v = (0..rounds.max(1))
         .map(|_| f())
         .collect::<Result<Vec<f64>>>()?;
-    v.sort_by(f64::total_cmp);
-    Ok(v[v.len() / 2])
+    Ok(median(&v))
 }
 
 fn label(size: usize) -> String {
@@ -255,6 +254,6 @@ mod tests {
     #[test]
     fn the_median_is_the_middle_figure() {
         let mut v = [3.0, 1.0, 2.0].into_iter();
-        assert_eq!(median(3, || Ok(v.next().unwrap())).unwrap(), 2.0);
+        assert_eq!(median_of(3, || Ok(v.next().unwrap())).unwrap(), 2.0);
     }
 }

@@ -25,13 +25,13 @@ use canopy_peerd::Peer;
 use tokio::task::JoinSet;
 
 use crate::b2::{
-    addr, cpu_seconds, drop_caches, leaf_config, make_keys, median, read_through, requests,
-    root_config, runtime, samples, scratch, start, stop, verify, volume_file, whole_chunks,
-    Pattern, CHUNK, DEPTH, VOLUME,
+    addr, cpu_seconds, drop_caches, leaf_config, make_keys, read_through, requests, root_config,
+    runtime, samples, scratch, start, stop, verify, volume_file, whole_chunks, Pattern, CHUNK,
+    DEPTH, VOLUME,
 };
 use crate::peers::{fio, nbdkit, Endpoint, FioJob};
 use crate::progress::Progress;
-use crate::table::{ratio, Table};
+use crate::table::{median, ratio, Table};
 
 /// Relays under the root.
 pub const RELAYS: usize = 2;

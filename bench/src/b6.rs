@@ -17,9 +17,9 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use crate::b1::{canopy_ublk, median, ratio_range, Samples};
+use crate::b1::{canopy_ublk, ratio_range, Samples};
 use crate::progress::Progress;
-use crate::table::{ratio, Table};
+use crate::table::{median, ratio, Table};
 
 /// How big a run is.
 #[derive(Clone, Copy, Debug)]

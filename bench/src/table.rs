@@ -49,6 +49,18 @@ impl Table {
     }
 }
 
+/// The median of `v`'s finite figures (the mean of the middle two for an
+/// even count; 0 when there are none).
+pub fn median(v: &[f64]) -> f64 {
+    let mut s: Vec<f64> = v.iter().copied().filter(|x| x.is_finite()).collect();
+    s.sort_by(f64::total_cmp);
+    match s.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => s[n / 2],
+        n => (s[n / 2 - 1] + s[n / 2]) / 2.0,
+    }
+}
+
 /// `ours / theirs` as "1.23×", or "n/a" when theirs is zero.
 pub fn ratio(ours: f64, theirs: f64) -> String {
     if theirs > 0.0 {
@@ -72,5 +84,13 @@ mod tests {
             "### B0, test\n\n| a | b |\n| --- | --- |\n| 1 | 1.50× |\n\na note\n"
         );
         assert_eq!(ratio(1.0, 0.0), "n/a");
+    }
+
+    #[test]
+    fn medians_skip_what_is_not_a_number() {
+        assert_eq!(median(&[]), 0.0);
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert_eq!(median(&[f64::NAN, 1.0]), 1.0);
     }
 }
