@@ -98,6 +98,26 @@ pub struct Samples {
     pub nbdkit: Vec<f64>,
 }
 
+/// A table row of a workload run against nbdkit (B1, B6): its name,
+/// canopy's and nbdkit's medians (shown by `fmt`), their ratio, the range
+/// of per-round ratios, and whether the ≥ 1.0× target is met.
+pub fn ratio_row(name: &str, s: &Samples, fmt: impl Fn(f64) -> String) -> Vec<String> {
+    let (c, k) = (median(&s.canopy), median(&s.nbdkit));
+    let range = match ratio_range(s) {
+        Some((lo, hi)) => format!("{lo:.2}–{hi:.2}"),
+        None => "n/a".to_string(),
+    };
+    let met = if k > 0.0 && c >= k { "yes" } else { "no" };
+    vec![
+        name.to_string(),
+        fmt(c),
+        fmt(k),
+        ratio(c, k),
+        range,
+        met.to_string(),
+    ]
+}
+
 /// The lowest and highest per-round ratio canopy / nbdkit.
 pub fn ratio_range(s: &Samples) -> Option<(f64, f64)> {
     let ratios: Vec<f64> = s
@@ -354,7 +374,6 @@ pub fn table(samples: &[Samples], size: Size, transport: Transport) -> Table {
         ],
     );
     for (w, s) in WORKLOADS.iter().zip(samples) {
-        let (c, k) = (median(&s.canopy), median(&s.nbdkit));
         let fmt = |x: f64| {
             if w.iops {
                 format!("{:.1}k IOPS", x / 1e3)
@@ -362,19 +381,7 @@ pub fn table(samples: &[Samples], size: Size, transport: Transport) -> Table {
                 format!("{:.0} MB/s", x / 1e6)
             }
         };
-        let range = match ratio_range(s) {
-            Some((lo, hi)) => format!("{lo:.2}–{hi:.2}"),
-            None => "n/a".to_string(),
-        };
-        let met = if k > 0.0 && c >= k { "yes" } else { "no" };
-        t.row(vec![
-            w.name.to_string(),
-            fmt(c),
-            fmt(k),
-            ratio(c, k),
-            range,
-            met.to_string(),
-        ]);
+        t.row(ratio_row(w.name, s, fmt));
     }
     t.note(
         "Medians over the rounds; the servers alternate within each round. canopy: \

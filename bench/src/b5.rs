@@ -147,19 +147,13 @@ fn run_canopy(capacity: usize, keys: &[u64]) -> Result<(Figures, usize)> {
     ))
 }
 
-fn run_moka(capacity: usize, keys: &[u64]) -> Figures {
-    let cache: moka::sync::Cache<u64, Bytes> = moka::sync::Cache::new(capacity as u64);
-    let value = Bytes::from(vec![0u8; CHUNK]);
+/// Time `keys` through `lookup`, which says whether a key hit (a peer
+/// inserts it on a miss).
+fn timed(keys: &[u64], mut lookup: impl FnMut(u64) -> bool) -> Figures {
     let mut hits = 0u64;
     let start = Instant::now();
     for &k in keys {
-        match cache.get(&k) {
-            Some(v) => {
-                hits += 1;
-                std::hint::black_box(&v);
-            }
-            None => cache.insert(k, value.clone()),
-        }
+        hits += u64::from(lookup(k));
     }
     Figures {
         hits,
@@ -168,28 +162,35 @@ fn run_moka(capacity: usize, keys: &[u64]) -> Figures {
     }
 }
 
+fn run_moka(capacity: usize, keys: &[u64]) -> Figures {
+    let cache: moka::sync::Cache<u64, Bytes> = moka::sync::Cache::new(capacity as u64);
+    let value = Bytes::from(vec![0u8; CHUNK]);
+    timed(keys, |k| match cache.get(&k) {
+        Some(v) => {
+            std::hint::black_box(&v);
+            true
+        }
+        None => {
+            cache.insert(k, value.clone());
+            false
+        }
+    })
+}
+
 fn run_lru(capacity: usize, keys: &[u64]) -> Figures {
     let cap = NonZeroUsize::new(capacity).unwrap_or(NonZeroUsize::MIN);
     let mut cache: lru::LruCache<u64, Bytes> = lru::LruCache::new(cap);
     let value = Bytes::from(vec![0u8; CHUNK]);
-    let mut hits = 0u64;
-    let start = Instant::now();
-    for &k in keys {
-        match cache.get(&k) {
-            Some(v) => {
-                hits += 1;
-                std::hint::black_box(v);
-            }
-            None => {
-                cache.put(k, value.clone());
-            }
+    timed(keys, |k| match cache.get(&k) {
+        Some(v) => {
+            std::hint::black_box(v);
+            true
         }
-    }
-    Figures {
-        hits,
-        lookups: keys.len() as u64,
-        secs: start.elapsed().as_secs_f64(),
-    }
+        None => {
+            cache.put(k, value.clone());
+            false
+        }
+    })
 }
 
 /// One trace's results.
@@ -356,27 +357,5 @@ mod tests {
         assert_eq!(c.hits, 900);
         assert_eq!(run_lru(4096, &keys).hits, 900);
         assert_eq!(run_moka(4096, &keys).hits, 900);
-    }
-}
-
-/// canopy's side alone, for `perf record` on the test binary
-/// (`canopy_bench-* --ignored --nocapture canopy_alone`): the peers' own
-/// work would otherwise fill the profile.
-#[cfg(test)]
-mod profile {
-    use super::*;
-
-    /// Not a test: canopy alone on the full traces, for `perf record`.
-    #[test]
-    #[ignore]
-    fn canopy_alone() {
-        let size = Size::FULL;
-        for keys in [
-            trace::zipf(size.keys, 0.99, size.accesses, 1),
-            trace::scan_hot(size.capacity as u64 / 2, size.accesses, 2),
-        ] {
-            let (f, _) = run_canopy(size.capacity, &keys).expect("canopy");
-            eprintln!("hit {:.3} rate {:.2}M/s", f.hit_ratio(), f.rate() / 1e6);
-        }
     }
 }

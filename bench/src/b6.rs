@@ -17,9 +17,9 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use crate::b1::{canopy_ublk, ratio_range, Samples};
+use crate::b1::{canopy_ublk, ratio_row, Samples};
 use crate::progress::Progress;
-use crate::table::{median, ratio, Table};
+use crate::table::Table;
 
 /// How big a run is.
 #[derive(Clone, Copy, Debug)]
@@ -267,7 +267,6 @@ pub fn table(samples: &[Samples], size: Size) -> Table {
         ],
     );
     for ((_, name, iops), s) in WORKLOADS.iter().zip(samples) {
-        let (c, k) = (median(&s.canopy), median(&s.nbdkit));
         let fmt = |x: f64| {
             if *iops {
                 format!("{x:.0} IOPS")
@@ -275,19 +274,7 @@ pub fn table(samples: &[Samples], size: Size) -> Table {
                 format!("{:.1} MB/s", x / 1e6)
             }
         };
-        let range = match ratio_range(s) {
-            Some((lo, hi)) => format!("{lo:.2}–{hi:.2}"),
-            None => "n/a".to_string(),
-        };
-        let met = if k > 0.0 && c >= k { "yes" } else { "no" };
-        t.row(vec![
-            name.to_string(),
-            fmt(c),
-            fmt(k),
-            ratio(c, k),
-            range,
-            met.to_string(),
-        ]);
+        t.row(ratio_row(name, s, fmt));
     }
     t.note(
         "Medians over the rounds; the devices alternate within each round. Debian's 6.12 kernel \
