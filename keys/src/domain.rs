@@ -17,10 +17,20 @@ pub(crate) const BAKED_COOKIE: &str = "canopy baked cookie v1";
 pub(crate) const BURNT_COOKIE: &str = "canopy burnt cookie v1";
 /// A permission grant with its expiry.
 pub(crate) const GRANT: &str = "canopy grant v1";
+/// The key of a grant's MAC, derived from the data key (a key, not a
+/// hashed message, but a context all the same, and distinct).
+pub(crate) const GRANT_MAC_KEY: &str = "canopy grant mac key v1";
 
 /// All of the above, for the test that they are distinct.
 #[cfg(test)]
-pub(crate) const ALL: [&str; 5] = [VOLUME_ID, SEALED_CHUNK, BAKED_COOKIE, BURNT_COOKIE, GRANT];
+pub(crate) const ALL: [&str; 6] = [
+    VOLUME_ID,
+    SEALED_CHUNK,
+    BAKED_COOKIE,
+    BURNT_COOKIE,
+    GRANT,
+    GRANT_MAC_KEY,
+];
 
 #[cfg(test)]
 mod tests {

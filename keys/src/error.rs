@@ -156,6 +156,10 @@ pub enum SealError {
         "record does not decrypt: corrupted ciphertext, or sealed with another volume's data key"
     )]
     BadCiphertext,
+    /// A grant's MAC does not check under the data key: forged or
+    /// corrupted, or made for another volume.
+    #[error("grant MAC does not check: forged or corrupted, or made for another volume")]
+    BadMac,
     /// The record is malformed.
     #[error("malformed record: {0}")]
     Decode(#[from] DecodeError),

@@ -42,7 +42,7 @@ pub use cookie::{
     SEALED_COOKIE_LEN,
 };
 pub use error::{CookieError, DecodeError, KeyError, SealError};
-pub use grant::{SignedGrant, GRANT_LEN};
+pub use grant::{SignedGrant, GRANT_LEN, GRANT_MAC_LEN};
 pub use id::{check_volume_name, ParseVolumeIdError, VolumeId, MAX_VOLUME_NAME};
 pub use keyfile::{inspect, write_new, KeyFileInfo, KeyFileKind, FORMAT, MAGIC};
 pub use record::{

@@ -82,6 +82,8 @@ enum Attack {
     FlipData,
     /// Flip one bit of every record's signature.
     FlipSignature,
+    /// Flip one bit of every record's nonce.
+    FlipNonce,
     /// Serve the record of another chunk under this chunk's number (a
     /// valid record, for the wrong place).
     OtherChunk,
@@ -314,6 +316,14 @@ fn tamper(a: &Attack, m: &mut Message, captured: &Mutex<Option<Message>>) -> boo
         Attack::FlipSignature if has_data => {
             let mut v = m.params.verifier.take().unwrap_or_default().to_vec();
             if let Some(b) = v.last_mut() {
+                *b ^= 0x80;
+            }
+            m.params.verifier = Some(Bytes::from(v));
+            true
+        }
+        Attack::FlipNonce if has_data => {
+            let mut v = m.params.verifier.take().unwrap_or_default().to_vec();
+            if let Some(b) = v.first_mut() {
                 *b ^= 0x80;
             }
             m.params.verifier = Some(Bytes::from(v));
@@ -552,8 +562,32 @@ async fn flipped_data_is_refused() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn flipped_signature_is_refused() {
-    reader_refuses(Attack::FlipSignature).await;
+async fn a_flipped_nonce_is_refused() {
+    reader_refuses(Attack::FlipNonce).await;
+}
+
+/// A trusted reader opens a record by its AEAD tag alone, so a spoiled
+/// signature over genuine ciphertext costs it nothing: it reads the right
+/// data and counts no bad record. (A relay refuses such a record:
+/// `the_relay_verifies_before_storing_or_forwarding`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trusted_reader_needs_only_the_tag() {
+    let t = tree(1).await;
+    let h = t.leaves[0].handle();
+    // A chunk the leaf never held, so that its read crosses the link.
+    t.below_relay[0].attack_down(Attack::FlipSignature);
+    let below = &t.below_relay[0].records;
+    let (bad0, seen0) = (
+        stats(&t.leaves[0]).await.bad_records,
+        below.load(Ordering::Relaxed),
+    );
+    let zeros = within("read", h.read(11)).await.unwrap();
+    assert!(zeros.iter().all(|&b| b == 0));
+    assert!(
+        below.load(Ordering::Relaxed) > seen0,
+        "no record crossed the spoiling link"
+    );
+    assert_eq!(stats(&t.leaves[0]).await.bad_records, bad0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,7 +4,8 @@
 use super::{flip, keys, seeded};
 use crate::{
     BakedCookie, CookieError, DecodeError, Receipt, SealError, SealedCookie, SealedRecord,
-    SignedGrant, BAKED_COOKIE_LEN, GRANT_LEN, RECEIPT_LEN, SEALED_COOKIE_LEN,
+    SignedGrant, BAKED_COOKIE_LEN, GRANT_LEN, GRANT_MAC_LEN, RECEIPT_LEN, SEALED_COOKIE_LEN,
+    SIGNATURE_LEN,
 };
 
 const NOW: u64 = 1_000_000;
@@ -225,22 +226,46 @@ fn grants_verify_and_refuse_tampering() {
     let g = SignedGrant::decode(&g.encode()).unwrap();
     assert_eq!((g.chunk, g.version, g.perm, g.expires_ms), (3, 9, 2, LATER));
     assert_eq!(k.verifier().verify_grant(&g), Ok(()));
+    assert_eq!(k.check_grant(&g), Ok(()));
     assert!(!g.is_expired(LATER - 1));
     assert!(g.is_expired(LATER));
+    // A flipped field fails both proofs; a flipped signature only the
+    // relay's check, a flipped MAC only the trusted node's (neither covers
+    // the other: spoiling either only gets the grant refused).
+    let fields = GRANT_LEN - SIGNATURE_LEN - GRANT_MAC_LEN;
     for bit in 0..GRANT_LEN * 8 {
         let mut bytes = g.encode();
         flip(&mut bytes, bit);
         let bad = SignedGrant::decode(&bytes).unwrap();
-        assert_eq!(
-            k.verifier().verify_grant(&bad),
-            Err(SealError::BadSignature),
-            "bit {bit}"
-        );
+        let byte = bit / 8;
+        let (sig_ok, mac_ok) = if byte < fields {
+            (false, false)
+        } else if byte < fields + SIGNATURE_LEN {
+            (false, true)
+        } else {
+            (true, false)
+        };
+        let expect_sig = if sig_ok {
+            Ok(())
+        } else {
+            Err(SealError::BadSignature)
+        };
+        let expect_mac = if mac_ok {
+            Ok(())
+        } else {
+            Err(SealError::BadMac)
+        };
+        assert_eq!(k.verifier().verify_grant(&bad), expect_sig, "bit {bit}");
+        assert_eq!(k.check_grant(&bad), expect_mac, "bit {bit}");
     }
+    let other = seeded("other", 2);
     assert_eq!(
-        seeded("other", 2).verifier().verify_grant(&g),
+        other.verifier().verify_grant(&g),
         Err(SealError::BadSignature)
     );
+    assert_eq!(other.check_grant(&g), Err(SealError::BadMac));
+    // Keys of another volume with the same name.
+    assert_eq!(seeded("vol", 3).check_grant(&g), Err(SealError::BadMac));
 }
 
 #[test]
