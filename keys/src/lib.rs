@@ -22,6 +22,7 @@
 //! [`DecodeError`], [`KeyError`], [`SealError`] or [`CookieError`].
 #![warn(missing_docs)]
 
+mod aead;
 mod cookie;
 mod domain;
 mod error;

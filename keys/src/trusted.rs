@@ -1,6 +1,7 @@
 //! What a trusted node holds: the data key and the signing key, and every
 //! operation that needs them.
 
+use crate::aead;
 use crate::cookie::{cookie_aad, BakedCookie, RawCookie, Receipt, SealedCookie};
 use crate::cookie::{COOKIE_PLAINTEXT_LEN, COOKIE_VALUE_LEN};
 use crate::error::{CookieError, DecodeError, KeyError, SealError};
@@ -10,8 +11,6 @@ use crate::keyfile::{self, KeyFileKind, Parsed, Secrets};
 use crate::record::{fixed, SealedRecord, NONCE_LEN, SEAL_OVERHEAD};
 use crate::verifier::Verifier;
 use bytes::{Bytes, BytesMut};
-use chacha20poly1305::aead::AeadInPlace;
-use chacha20poly1305::{KeyInit, Tag, XChaCha20Poly1305, XNonce};
 use ed25519_dalek::{Signer, SigningKey};
 use rand_core::{OsRng, RngCore};
 use std::fmt;
@@ -176,11 +175,6 @@ impl TrustedKeys {
         &self.verifier
     }
 
-    fn cipher(&self) -> XChaCha20Poly1305 {
-        // The cipher copies the key and wipes its copy on drop.
-        XChaCha20Poly1305::new((&*self.data_key).into())
-    }
-
     fn sign(&self, hash: &[u8; 32]) -> [u8; 64] {
         self.signing.sign(hash).to_bytes()
     }
@@ -195,14 +189,12 @@ impl TrustedKeys {
         let nonce = random::<NONCE_LEN>();
         let mut buf = BytesMut::with_capacity(plaintext.len() + SEAL_OVERHEAD);
         buf.extend_from_slice(plaintext);
-        let tag = self
-            .cipher()
-            .encrypt_in_place_detached(
-                &XNonce::from(nonce),
-                &record_aad(&self.id(), chunk, version),
-                &mut buf,
-            )
-            .expect("a chunk is far below XChaCha20-Poly1305's 256 GiB limit");
+        let tag = aead::seal(
+            &self.data_key,
+            &nonce,
+            &record_aad(&self.id(), chunk, version),
+            &mut buf,
+        );
         buf.extend_from_slice(&tag);
         let mut rec = SealedRecord {
             chunk,
@@ -245,14 +237,14 @@ impl TrustedKeys {
         let tag: [u8; SEAL_OVERHEAD] = fixed(tag, "record tag")?;
         let mut out = Vec::with_capacity(ct_len);
         out.extend_from_slice(ct);
-        self.cipher()
-            .decrypt_in_place_detached(
-                &XNonce::from(rec.nonce),
-                &record_aad(&self.id(), rec.chunk, rec.version),
-                &mut out,
-                &Tag::from(tag),
-            )
-            .map_err(|_| SealError::BadCiphertext)?;
+        aead::open(
+            &self.data_key,
+            &rec.nonce,
+            &record_aad(&self.id(), rec.chunk, rec.version),
+            &mut out,
+            &tag,
+        )
+        .map_err(|_| SealError::BadCiphertext)?;
         Ok(Bytes::from(out))
     }
 
@@ -281,14 +273,12 @@ impl TrustedKeys {
         v.copy_from_slice(value);
         expiry.copy_from_slice(&expires_ms.to_le_bytes());
         let nonce = random::<NONCE_LEN>();
-        let tag = self
-            .cipher()
-            .encrypt_in_place_detached(
-                &XNonce::from(nonce),
-                &cookie_aad(&self.id()),
-                &mut plain[..],
-            )
-            .expect("24 bytes are below XChaCha20-Poly1305's limit");
+        let tag = aead::seal(
+            &self.data_key,
+            &nonce,
+            &cookie_aad(&self.id()),
+            &mut plain[..],
+        );
         let mut out = [0u8; crate::cookie::SEALED_COOKIE_LEN];
         let (n, rest) = out.split_at_mut(NONCE_LEN);
         let (c, t) = rest.split_at_mut(COOKIE_PLAINTEXT_LEN);
@@ -306,14 +296,14 @@ impl TrustedKeys {
         let tag: [u8; SEAL_OVERHEAD] = fixed(tag, "cookie tag")?;
         let mut plain: Zeroizing<[u8; COOKIE_PLAINTEXT_LEN]> =
             Zeroizing::new(fixed(ct, "cookie ciphertext")?);
-        self.cipher()
-            .decrypt_in_place_detached(
-                &XNonce::from(nonce),
-                &cookie_aad(&self.id()),
-                &mut plain[..],
-                &Tag::from(tag),
-            )
-            .map_err(|_| CookieError::Undecryptable)?;
+        aead::open(
+            &self.data_key,
+            &nonce,
+            &cookie_aad(&self.id()),
+            &mut plain[..],
+            &tag,
+        )
+        .map_err(|_| CookieError::Undecryptable)?;
         let (value, expiry) = plain.split_at(COOKIE_VALUE_LEN);
         Ok(RawCookie {
             value: fixed(value, "cookie value")?,

@@ -1,5 +1,6 @@
 //! Unit tests that need the deterministic test keys ([`TrustedKeys::from_seed`]).
 
+mod aead;
 mod cookies;
 mod fuzz_seeds;
 mod records;

@@ -13,7 +13,6 @@ fn secret_types_wipe_themselves() {
     wipes_on_drop::<TrustedKeys>();
     wipes_on_drop::<RawCookie>();
     wipes_on_drop::<ed25519_dalek::SigningKey>();
-    wipes_on_drop::<chacha20poly1305::XChaCha20Poly1305>();
     let _: Zeroizing<Vec<u8>> = keys().to_bytes();
     // Nodes share one copy behind an Arc rather than cloning secrets.
     shareable::<TrustedKeys>();
