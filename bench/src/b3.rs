@@ -19,6 +19,7 @@ use std::time::Duration;
 use anyhow::{anyhow, Context, Result};
 use bytes::Bytes;
 use canopy_keys::TrustedKeys;
+use canopy_peerd::cookie::LinkCookies;
 use canopy_peerd::seal::LinkKeys;
 use canopy_proto::{IoOp, Message, Opcode};
 use nix::time::{clock_gettime, ClockId};
@@ -106,8 +107,10 @@ fn sealed(trusted: &LinkKeys, chunk: usize, n: usize) -> Result<Vec<Message>> {
             m.params.block_num = Some(c);
             m.params.version = Some(7);
             m.params.data = Some(plain.clone());
+            // A link whose child does not open records itself: signed, as
+            // a relay gets them.
             trusted
-                .outgoing(&mut m)
+                .outgoing(&mut m, &LinkCookies::default())
                 .map_err(|e| anyhow!("sealing: {e}"))?;
             Ok(m)
         })
@@ -123,6 +126,7 @@ fn forward(relay: &LinkKeys, msgs: &[Message], batch: usize, bytes: usize) -> Re
         .map_or(0, |d| d.len());
     let per_round = chunk * msgs.len();
     let rounds = bytes.div_ceil(per_round.max(1));
+    let link = LinkCookies::default();
     let start = cpu_time()?;
     for _ in 0..rounds {
         for group in msgs.chunks(batch) {
@@ -132,7 +136,9 @@ fn forward(relay: &LinkKeys, msgs: &[Message], batch: usize, bytes: usize) -> Re
                 check.map_err(|e| anyhow!("a good record was refused: {e}"))?;
             }
             for m in &mut v {
-                relay.outgoing(m).map_err(|e| anyhow!("repacking: {e}"))?;
+                relay
+                    .outgoing(m, &link)
+                    .map_err(|e| anyhow!("repacking: {e}"))?;
             }
             black_box(v);
         }

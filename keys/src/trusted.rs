@@ -186,6 +186,19 @@ impl TrustedKeys {
     /// If the operating system's random number generator fails, or the
     /// plaintext is longer than XChaCha20-Poly1305's limit of 256 GiB.
     pub fn seal(&self, chunk: u64, version: u64, plaintext: &[u8]) -> SealedRecord {
+        let mut rec = self.seal_unsigned(chunk, version, plaintext);
+        rec.signature = self.sign(&rec.digest(&self.id()));
+        rec
+    }
+
+    /// As [`TrustedKeys::seal`], but without the signature (all zeros):
+    /// a record for a trusted node only, which opens it by its AEAD tag
+    /// ([`TrustedKeys::open_unverified_signature`]). It saves a BLAKE3 pass
+    /// over the ciphertext and an ed25519 signature; a relay refuses it.
+    ///
+    /// # Panics
+    /// As [`TrustedKeys::seal`].
+    pub fn seal_unsigned(&self, chunk: u64, version: u64, plaintext: &[u8]) -> SealedRecord {
         let nonce = random::<NONCE_LEN>();
         let mut buf = BytesMut::with_capacity(plaintext.len() + SEAL_OVERHEAD);
         buf.extend_from_slice(plaintext);
@@ -196,15 +209,13 @@ impl TrustedKeys {
             &mut buf,
         );
         buf.extend_from_slice(&tag);
-        let mut rec = SealedRecord {
+        SealedRecord {
             chunk,
             version,
             nonce,
             signature: [0; 64],
             ciphertext: buf.freeze(),
-        };
-        rec.signature = self.sign(&rec.digest(&self.id()));
-        rec
+        }
     }
 
     /// Checks a record's signature, then decrypts it.
@@ -338,6 +349,16 @@ impl TrustedKeys {
     /// Signs a permission grant on `chunk` at `version`, valid until
     /// `expires_ms`, and MACs it for trusted nodes.
     pub fn sign_grant(&self, chunk: u64, version: u64, perm: u8, expires_ms: u64) -> SignedGrant {
+        let mut g = self.mac_grant(chunk, version, perm, expires_ms);
+        g.signature = self.sign(&g.signed_hash(&self.id()));
+        g
+    }
+
+    /// As [`TrustedKeys::sign_grant`], but with the MAC alone (the
+    /// signature all zeros): a grant for a trusted node only, which checks
+    /// the MAC ([`TrustedKeys::check_grant`]); a relay refuses it. It saves
+    /// an ed25519 signature.
+    pub fn mac_grant(&self, chunk: u64, version: u64, perm: u8, expires_ms: u64) -> SignedGrant {
         let mut g = SignedGrant {
             chunk,
             version,
@@ -346,9 +367,7 @@ impl TrustedKeys {
             signature: [0; 64],
             mac: [0; crate::grant::GRANT_MAC_LEN],
         };
-        let id = self.id();
-        g.signature = self.sign(&g.signed_hash(&id));
-        g.mac = *g.mac_with(&id, &self.grant_mac_key).as_bytes();
+        g.mac = *g.mac_with(&self.id(), &self.grant_mac_key).as_bytes();
         g
     }
 

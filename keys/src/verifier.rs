@@ -83,6 +83,25 @@ use std::path::Path;
 /// let relay = keys.verifier().clone();
 /// relay.sign_grant(0, 1, 2, 3);
 /// ```
+/// ```compile_fail,E0599
+/// # use canopy_keys::TrustedKeys;
+/// # let keys = TrustedKeys::generate("vol").unwrap();
+/// let relay = keys.verifier().clone();
+/// relay.mac_grant(0, 1, 2, 3);
+/// ```
+/// ```compile_fail,E0599
+/// # use canopy_keys::TrustedKeys;
+/// # let keys = TrustedKeys::generate("vol").unwrap();
+/// # let g = keys.sign_grant(0, 1, 2, 3);
+/// let relay = keys.verifier().clone();
+/// relay.check_grant(&g);
+/// ```
+/// ```compile_fail,E0599
+/// # use canopy_keys::TrustedKeys;
+/// # let keys = TrustedKeys::generate("vol").unwrap();
+/// let relay = keys.verifier().clone();
+/// relay.seal_unsigned(0, 1, b"forged");
+/// ```
 /// The same calls on [`crate::TrustedKeys`] compile and work:
 /// ```
 /// # use canopy_keys::TrustedKeys;
@@ -95,6 +114,8 @@ use std::path::Path;
 /// let receipt = keys.burn(&baked);
 /// keys.verifier().verify_receipt(&baked, &receipt).unwrap();
 /// keys.verifier().verify_grant(&keys.sign_grant(0, 1, 2, 3)).unwrap();
+/// keys.check_grant(&keys.mac_grant(0, 1, 2, 3)).unwrap();
+/// keys.open_unverified_signature(&keys.seal_unsigned(0, 1, b"data")).unwrap();
 /// ```
 #[derive(Clone)]
 pub struct Verifier {

@@ -33,7 +33,7 @@
 //! cookies (trusted) or from the pool (relay).
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
@@ -213,11 +213,16 @@ enum Inflight {
     Digest([u8; 32]),
 }
 
-/// One connection's cookie state, shared by its reader and writer.
+/// One connection's cookie state, shared by its reader and writer, and
+/// what its child said of itself in its CONNECT.
 pub struct LinkCookies {
     inflight: Mutex<HashMap<u32, Inflight>>,
     next_xid: AtomicU32,
     asked: Mutex<Option<Instant>>,
+    /// The child opens records itself (CONNECT_FLAGS OPENS_RECORDS), so
+    /// records and grants to it go without signatures (`seal.rs`). Set by
+    /// the reader on the child's CONNECT; until then everything is signed.
+    pub(crate) opens_records: AtomicBool,
 }
 
 impl Default for LinkCookies {
@@ -226,6 +231,7 @@ impl Default for LinkCookies {
             inflight: Mutex::new(HashMap::new()),
             next_xid: AtomicU32::new(LINK_XIDS),
             asked: Mutex::new(None),
+            opens_records: AtomicBool::new(false),
         }
     }
 }
@@ -883,7 +889,10 @@ mod tests {
         m.params.block_num = Some(3);
         m.params.version = Some(9);
         m.params.data = Some(Bytes::from(vec![0xAB; 4096]));
-        let rec = writer.outgoing(&mut m).expect("seal").expect("record");
+        let rec = writer
+            .outgoing(&mut m, &LinkCookies::default())
+            .expect("seal")
+            .expect("record");
         let wlink = LinkCookies::default();
         writer
             .bake_up(&wlink, &mut m, &rec, None)
@@ -960,7 +969,10 @@ mod tests {
         let node_msg = put(7, 0xAB);
         let mut first = node_msg.clone();
         let plain = first.params.data.clone();
-        let rec = writer.outgoing(&mut first).expect("seal").expect("record");
+        let rec = writer
+            .outgoing(&mut first, &LinkCookies::default())
+            .expect("seal")
+            .expect("record");
         writer
             .bake_up(&LinkCookies::default(), &mut first, &rec, plain.as_ref())
             .expect("a cookie");
@@ -1004,7 +1016,10 @@ mod tests {
         let mut first = put(10, 0xEF);
         first.params.block_num = Some(4);
         let plain = first.params.data.clone();
-        let rec = writer.outgoing(&mut first).expect("seal").expect("record");
+        let rec = writer
+            .outgoing(&mut first, &LinkCookies::default())
+            .expect("seal")
+            .expect("record");
         writer
             .bake_up(&LinkCookies::default(), &mut first, &rec, plain.as_ref())
             .expect("a cookie");

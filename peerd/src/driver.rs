@@ -1630,6 +1630,7 @@ fn link_checks(
             }
         }
         Source::Child(_) => {
+            k.connect_down(&end.cookies, m);
             if m.header.opcode == Opcode::GetCookies {
                 let _ = end.tx.send(k.answer_get_cookies(m, wall_ms()));
                 return Ok(false);
@@ -1786,7 +1787,7 @@ impl LinkOut {
             return;
         };
         if self.down {
-            k.grant_down(&mut m);
+            k.grant_down(&mut m, &self.link);
         } else if m.header.flags.contains(canopy_proto::Flags::RECOVERY_OP) {
             // The node sends a write again whose answer was lost: it goes
             // with the record and cookie it first went with, so the node
@@ -1806,7 +1807,7 @@ impl LinkOut {
         let plain = (!self.down && m.header.opcode == Opcode::IoRequest)
             .then(|| m.params.data.clone())
             .flatten();
-        let rec = match k.outgoing(&mut m) {
+        let rec = match k.outgoing(&mut m, &self.link) {
             Ok(rec) => rec,
             Err(e) => {
                 tracing::error!(msg = %m, error = %e, "cannot seal a message; dropped");

@@ -51,10 +51,10 @@ use bytes::{BufMut, Bytes, BytesMut};
 use canopy_keys::{
     SealError, SealedRecord, SignedGrant, TrustedKeys, Verifier, SEAL_OVERHEAD, VERIFIER_LEN,
 };
-use canopy_proto::{Message, Perm};
+use canopy_proto::{ConnectFlags, Message, Opcode, Perm};
 use parking_lot::Mutex;
 
-use crate::cookie::Cookies;
+use crate::cookie::{Cookies, LinkCookies};
 use crate::ledger::{Issuer, LedgerError};
 
 /// How much longer than a chunk a relay's stored record is: the AEAD tag,
@@ -190,8 +190,9 @@ impl LinkKeys {
     }
 
     /// On the way to a child: a grant gets its signed expiry (a trusted
-    /// node signs now + TTL; a relay passes on its parent's).
-    pub fn grant_down(&self, m: &mut Message) {
+    /// node signs now + TTL, or only MACs it for a child that opens records
+    /// itself; a relay passes on its parent's).
+    pub fn grant_down(&self, m: &mut Message, link: &LinkCookies) {
         let Some((chunk, perm, ttl)) = grant_of(m) else {
             return;
         };
@@ -199,7 +200,11 @@ impl LinkKeys {
             Kind::Trusted { keys: k, .. } => {
                 let version = m.params.version.unwrap_or(0);
                 let expires = wall_ms().saturating_add(u64::from(ttl));
-                let g = k.sign_grant(chunk, version, perm as u8, expires);
+                let g = if link.opens_records.load(Ordering::Relaxed) {
+                    k.mac_grant(chunk, version, perm as u8, expires)
+                } else {
+                    k.sign_grant(chunk, version, perm as u8, expires)
+                };
                 Some(Bytes::copy_from_slice(&g.encode()))
             }
             // Without one the child refuses the grant: the relay got this
@@ -252,6 +257,23 @@ impl LinkKeys {
         Ok(())
     }
 
+    /// On a child link: a CONNECT from the child tells whether it opens
+    /// records itself (OPENS_RECORDS), and so whether what goes to it needs
+    /// signatures. A trusted node takes its word: a child that claims it
+    /// falsely (a relay) gets records and grants it cannot check or pass on,
+    /// which harms only it and what is below it, as dropping them would. A
+    /// relay signs nothing, so it ignores the flag.
+    pub fn connect_down(&self, link: &LinkCookies, m: &Message) {
+        if m.header.opcode != Opcode::Connect || matches!(self.kind, Kind::Relay(_)) {
+            return;
+        }
+        let opens = m
+            .params
+            .connect_flags
+            .is_some_and(|f| f.contains(ConnectFlags::OPENS_RECORDS));
+        link.opens_records.store(opens, Ordering::Relaxed);
+    }
+
     /// Grants from the parent whose TTL ran past their signed expiry (each
     /// lowered to it).
     pub fn grant_overclaims(&self) -> u64 {
@@ -261,14 +283,29 @@ impl LinkKeys {
     /// Turn an outgoing message's `DATA` into record fields, returning the
     /// record (a write going up bakes a cookie for it). A message the node
     /// built without a chunk number cannot be sealed; it is refused rather
-    /// than sent in the clear.
-    pub fn outgoing(&self, m: &mut Message) -> Result<Option<SealedRecord>, SealFault> {
+    /// than sent in the clear. A trusted node's CONNECT says that it opens
+    /// records itself, and a child that said so gets its records unsigned.
+    pub fn outgoing(
+        &self,
+        m: &mut Message,
+        link: &LinkCookies,
+    ) -> Result<Option<SealedRecord>, SealFault> {
+        if m.header.opcode == Opcode::Connect && matches!(self.kind, Kind::Trusted { .. }) {
+            let flags = m.params.connect_flags.unwrap_or_default();
+            m.params.connect_flags = Some(flags.with(ConnectFlags::OPENS_RECORDS));
+        }
         let Some(data) = m.params.data.take() else {
             return Ok(None);
         };
         let chunk = m.params.block_num.ok_or(SealFault::Missing("BLOCK_NUM"))?;
+        let version = m.params.version.unwrap_or(0);
         let rec = match &self.kind {
-            Kind::Trusted { keys: k, .. } => k.seal(chunk, m.params.version.unwrap_or(0), &data),
+            // Only a child link's reader sets the flag, so whatever goes
+            // up (writes, which relays check) is always signed.
+            Kind::Trusted { keys: k, .. } if link.opens_records.load(Ordering::Relaxed) => {
+                k.seal_unsigned(chunk, version, &data)
+            }
+            Kind::Trusted { keys: k, .. } => k.seal(chunk, version, &data),
             Kind::Relay(_) => unpack(chunk, data)?,
         };
         m.params.verifier = Some(Bytes::copy_from_slice(&rec.verifier_bytes()));
@@ -406,7 +443,7 @@ fn unpack(chunk: u64, blob: Bytes) -> Result<SealedRecord, SealFault> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use canopy_proto::{IoOp, Opcode};
+    use canopy_proto::IoOp;
 
     fn keys() -> Arc<TrustedKeys> {
         Arc::new(TrustedKeys::generate("vol").expect("keys"))
@@ -429,7 +466,7 @@ mod tests {
         let plain = vec![0xAB; 4096];
 
         let mut m = put(3, 9, &plain);
-        trusted.outgoing(&mut m).unwrap();
+        trusted.outgoing(&mut m, &LinkCookies::default()).unwrap();
         assert_ne!(m.params.data.as_deref(), Some(&plain[..]), "sealed");
         assert_eq!(
             m.params.verifier.as_ref().map(Bytes::len),
@@ -443,7 +480,7 @@ mod tests {
         assert!(at_relay[0].params.verifier.is_none());
 
         let [mut m] = at_relay;
-        relay.outgoing(&mut m).unwrap();
+        relay.outgoing(&mut m, &LinkCookies::default()).unwrap();
         let mut at_root = [m];
         assert!(trusted.incoming(&mut at_root).iter().all(Result::is_ok));
         assert_eq!(at_root[0].params.data.as_deref(), Some(&plain[..]));
@@ -456,7 +493,7 @@ mod tests {
         let trusted = LinkKeys::trusted(k.clone());
         let relay = LinkKeys::relay(Arc::new(k.verifier().clone()));
         let mut m = put(3, 9, &[1; 64]);
-        trusted.outgoing(&mut m).unwrap();
+        trusted.outgoing(&mut m, &LinkCookies::default()).unwrap();
 
         let mut flipped = m.clone();
         let mut d = flipped.params.data.take().unwrap().to_vec();
@@ -494,7 +531,7 @@ mod tests {
         let relay = LinkKeys::relay(Arc::new(k.verifier().clone()));
         let plain = vec![0x5A; 1000];
         let mut m = put(3, 9, &plain);
-        trusted.outgoing(&mut m).unwrap();
+        trusted.outgoing(&mut m, &LinkCookies::default()).unwrap();
 
         // A spoiled signature over a genuine ciphertext: the relay refuses
         // it; a trusted node gets the genuine data, which the tag proves.
@@ -523,7 +560,7 @@ mod tests {
         g.params.version = Some(9);
         g.params.permissions = Some(Perm::Read);
         g.params.ttl_ms = Some(60_000);
-        trusted.grant_down(&mut g);
+        trusted.grant_down(&mut g, &LinkCookies::default());
         let bytes = g.params.grant.clone().unwrap();
         assert_eq!(bytes.len(), canopy_keys::GRANT_LEN);
         for keys in [&trusted, &relay] {
@@ -550,6 +587,81 @@ mod tests {
     }
 
     #[test]
+    fn a_child_that_opens_records_gets_them_and_its_grants_unsigned() {
+        let k = keys();
+        let parent = LinkKeys::trusted(k.clone());
+        let relay = LinkKeys::relay(Arc::new(k.verifier().clone()));
+        let up = LinkCookies::default();
+
+        // A trusted child says so in its CONNECT; a relay does not.
+        let connect = |keys: &LinkKeys| {
+            let mut c = Message::new(Opcode::Connect, 1);
+            c.params.connect_flags = Some(ConnectFlags::SYNC_WRITE);
+            keys.outgoing(&mut c, &up).unwrap();
+            c
+        };
+        let (trusted_hello, relay_hello) = (connect(&parent), connect(&relay));
+        let opens = |c: &Message| {
+            c.params
+                .connect_flags
+                .is_some_and(|f| f.contains(ConnectFlags::OPENS_RECORDS))
+        };
+        assert!(opens(&trusted_hello) && !opens(&relay_hello));
+        assert!(trusted_hello
+            .params
+            .connect_flags
+            .is_some_and(|f| f.contains(ConnectFlags::SYNC_WRITE)));
+
+        // The parent's child link learns it from the CONNECT.
+        let down = LinkCookies::default();
+        parent.connect_down(&down, &trusted_hello);
+        assert!(down.opens_records.load(Ordering::Relaxed));
+
+        let plain = vec![0x3C; 2000];
+        let mut m = put(6, 2, &plain);
+        parent.outgoing(&mut m, &down).unwrap();
+        let v = m.params.verifier.clone().unwrap();
+        assert_eq!(&v[canopy_keys::NONCE_LEN..], &[0u8; 64][..], "unsigned");
+        let mut at_child = [m.clone()];
+        assert!(parent.incoming(&mut at_child)[0].is_ok());
+        assert_eq!(at_child[0].params.data.as_deref(), Some(&plain[..]));
+        let mut at_relay = [m];
+        assert!(
+            relay.incoming(&mut at_relay)[0].is_err(),
+            "a relay refuses it"
+        );
+
+        let mut g = Message::new(Opcode::OkReply, 3);
+        g.params.block_num = Some(6);
+        g.params.version = Some(2);
+        g.params.permissions = Some(Perm::Read);
+        g.params.ttl_ms = Some(60_000);
+        let mut to_child = g.clone();
+        parent.grant_down(&mut to_child, &down);
+        let bytes = to_child.params.grant.clone().unwrap();
+        let sig = canopy_keys::GRANT_LEN - canopy_keys::GRANT_MAC_LEN - 64;
+        assert_eq!(&bytes[sig..sig + 64], &[0u8; 64][..], "unsigned grant");
+        parent.grant_up(&mut to_child.clone()).expect("MAC checks");
+        assert!(relay.grant_up(&mut to_child).is_err(), "a relay refuses it");
+
+        // A CONNECT without the flag (a relay, or a new connection) gets
+        // everything signed again.
+        parent.connect_down(&down, &relay_hello);
+        assert!(!down.opens_records.load(Ordering::Relaxed));
+        let mut m = put(6, 2, &plain);
+        parent.outgoing(&mut m, &down).unwrap();
+        assert!(relay.incoming(&mut [m])[0].is_ok());
+        let mut signed = g.clone();
+        parent.grant_down(&mut signed, &down);
+        relay.grant_up(&mut signed).expect("signed grant");
+
+        // A relay signs nothing, so the flag means nothing to it.
+        let relay_down = LinkCookies::default();
+        relay.connect_down(&relay_down, &trusted_hello);
+        assert!(!relay_down.opens_records.load(Ordering::Relaxed));
+    }
+
+    #[test]
     fn a_batch_with_one_bad_record_refuses_only_that_one() {
         let k = keys();
         let trusted = LinkKeys::trusted(k.clone());
@@ -557,7 +669,7 @@ mod tests {
         let mut msgs: Vec<Message> = (0..8)
             .map(|i| {
                 let mut m = put(i, 1, &[i as u8; 256]);
-                trusted.outgoing(&mut m).unwrap();
+                trusted.outgoing(&mut m, &LinkCookies::default()).unwrap();
                 m
             })
             .collect();
@@ -582,7 +694,7 @@ mod tests {
         let mut msgs: Vec<Message> = (0..7)
             .map(|i| {
                 let mut m = put(i, 1, &vec![i as u8; size]);
-                trusted.outgoing(&mut m).unwrap();
+                trusted.outgoing(&mut m, &LinkCookies::default()).unwrap();
                 m
             })
             .collect();

@@ -17,6 +17,7 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 use canopy_keys::TrustedKeys;
 use canopy_peerd::config::{PeerConfig, PeerRole, Size};
+use canopy_peerd::cookie::LinkCookies;
 use canopy_peerd::{start_peer, Peer};
 use canopy_proto::frame::{split_frame, write_frame};
 use canopy_proto::{decode, Message, Opcode, Perm, Status};
@@ -595,6 +596,51 @@ async fn another_chunks_record_is_refused() {
     reader_refuses(Attack::OtherChunk).await;
 }
 
+/// Signatures go only where they are checked: a trusted leaf straight
+/// under the root says in its CONNECT that it opens records itself, and
+/// the root sends it records and grants without signatures (the man in the
+/// middle sees them all zero), while the relay gets them signed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signatures_go_only_to_nodes_that_check_them() {
+    let t = tree(1).await;
+    let trusted = t.dir.join("keys/vol.key");
+    assert!(trusted.exists(), "{}", trusted.display());
+    let direct = Mitm::start(addr(&t.root)).await;
+    let leaf = start(leaf_cfg("D", &direct.addr, Some(&trusted))).await;
+    let zeros = within("direct read", leaf.handle().read(12)).await.unwrap();
+    assert!(zeros.iter().all(|&b| b == 0));
+    let through = within("relayed read", t.leaves[0].handle().read(13))
+        .await
+        .unwrap();
+    assert!(through.iter().all(|&b| b == 0));
+
+    let signature = |m: &Message| {
+        let v = m.params.verifier.clone().expect("a record");
+        let g = m.params.grant.clone().expect("a grant");
+        let at = canopy_keys::GRANT_LEN - canopy_keys::GRANT_MAC_LEN - 64;
+        (
+            v[canopy_keys::NONCE_LEN..].to_vec(),
+            g[at..at + 64].to_vec(),
+        )
+    };
+    let seen = direct
+        .captured
+        .lock()
+        .clone()
+        .expect("a record to the leaf");
+    let (rec_sig, grant_sig) = signature(&seen);
+    assert_eq!((rec_sig, grant_sig), (vec![0; 64], vec![0; 64]), "unsigned");
+    let seen = t
+        .above_relay
+        .captured
+        .lock()
+        .clone()
+        .expect("a record to R");
+    let (rec_sig, grant_sig) = signature(&seen);
+    assert!(rec_sig != vec![0; 64] && grant_sig != vec![0; 64], "signed");
+    leaf.shutdown().await;
+}
+
 /// Tampering with a write on its way to the root: the root refuses it
 /// (BAD_VERIFIER, counted), the writer gets an error, and the root's copy
 /// stays as it was. Nothing is acknowledged that the root does not have.
@@ -723,7 +769,7 @@ async fn grants_without_a_valid_signed_expiry_are_refused() {
     assert!(trusted.grant_up(&mut unsigned).is_err(), "unsigned grant");
 
     let mut signed = grant.clone();
-    trusted.grant_down(&mut signed);
+    trusted.grant_down(&mut signed, &LinkCookies::default());
     let mut ok = signed.clone();
     trusted.grant_up(&mut ok).expect("a fresh grant");
     assert!(ok.params.ttl_ms.unwrap() <= 60_000);

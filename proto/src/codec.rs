@@ -1017,7 +1017,7 @@ mod tests {
             Some(3),
             &[0, 0, 0x10, 0x08],
         );
-        let m = decode(&hb(&[(3, &[0, 0, 3, 7])])).unwrap();
+        let m = decode(&hb(&[(3, &[0, 0, 7, 7])])).unwrap();
         assert_eq!(
             m.params.connect_flags,
             Some(ConnectFlags(ConnectFlags::KNOWN))

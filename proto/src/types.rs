@@ -278,8 +278,14 @@ impl ConnectFlags {
     pub const IS_ROOT: ConnectFlags = ConnectFlags(0x0100);
     /// Information: the replying node is a proxy with a parent.
     pub const IS_PROXY: ConnectFlags = ConnectFlags(0x0200);
+    /// Information, on a volume with keys: the connecting node holds the
+    /// data key and opens the records it receives itself, so its parent
+    /// may send it records and grants without signatures (which only
+    /// relays need). A node that claims it falsely gets records it cannot
+    /// check or pass on: it harms only itself and what is below it.
+    pub const OPENS_RECORDS: ConnectFlags = ConnectFlags(0x0400);
     /// Every flag this version knows.
-    pub const KNOWN: u32 = 0x0307;
+    pub const KNOWN: u32 = 0x0707;
 
     /// Whether every bit of `other` is set.
     pub fn contains(self, other: ConnectFlags) -> bool {

@@ -266,6 +266,15 @@ fn grants_verify_and_refuse_tampering() {
     assert_eq!(other.check_grant(&g), Err(SealError::BadMac));
     // Keys of another volume with the same name.
     assert_eq!(seeded("vol", 3).check_grant(&g), Err(SealError::BadMac));
+
+    // MAC only, for a trusted node: the same MAC, no signature.
+    let bare = k.mac_grant(3, 9, 2, LATER);
+    assert_eq!((bare.signature, bare.mac), ([0; 64], g.mac));
+    assert_eq!(k.check_grant(&bare), Ok(()));
+    assert_eq!(
+        k.verifier().verify_grant(&bare),
+        Err(SealError::BadSignature)
+    );
 }
 
 #[test]

@@ -30,6 +30,17 @@ fn seal_open_round_trip_at_every_chunk_size() {
         assert_eq!(k.verifier().verify(&rec), Ok(()));
         assert_eq!(k.open(&rec).as_deref(), Ok(&plain[..]));
         assert_eq!(k.open_unverified_signature(&rec).as_deref(), Ok(&plain[..]));
+
+        // Unsigned, for a trusted node only: it opens by its tag; the
+        // signature check (a relay's, or `open`) refuses it.
+        let bare = k.seal_unsigned(9, 3, &plain);
+        assert_eq!(bare.signature, [0; 64]);
+        assert_eq!(
+            k.open_unverified_signature(&bare).as_deref(),
+            Ok(&plain[..])
+        );
+        assert_eq!(k.verifier().verify(&bare), Err(SealError::BadSignature));
+        assert_eq!(k.open(&bare), Err(SealError::BadSignature));
     }
 }
 
