@@ -7,8 +7,8 @@
 //! eight fio jobs, each its own NBD connection reading the whole volume.
 //!
 //! The volume is made with keys, as a tree with relays must be: the root
-//! seals, each relay checks every record's signature and keeps it sealed,
-//! each leaf checks and opens it. The relays' and leaves' caches hold the
+//! seals and signs, each relay checks every record's signature and keeps
+//! it sealed, each leaf opens it (checking its AEAD tag). The relays' and leaves' caches hold the
 //! whole volume, so no eviction traffic mixes in. What the root sends
 //! beyond twice the volume is the records' overhead, the protocol's
 //! messages, and any chunk a relay asked for twice.
