@@ -10,8 +10,10 @@
 //! A tier ([`TierConfig`]) is `groups` sets of `ways` entries each. Every
 //! entry has a tag (the chunk number, or an empty marker `u64::MAX` that
 //! matches no chunk, which is why chunk `u64::MAX` is refused), a dirty bit,
-//! a write generation and an LRU stamp. A tier lives in memory (each set's
-//! `ways * chunk_size` bytes preallocated) or on disk (a file, slot `i` at
+//! a write generation and an LRU stamp. A tier lives in memory (one
+//! anonymous mapping of `groups * ways * chunk_size` bytes, 2 MiB aligned
+//! and advised for transparent huge pages, each set owning its
+//! `ways * chunk_size` slice; committed as chunks arrive) or on disk (a file, slot `i` at
 //! byte `i * chunk_size`, only metadata in memory; I/O through a per-thread
 //! `io_uring`, falling back to `pread`/`pwrite` if a ring can't be set up).
 //!
@@ -125,6 +127,7 @@ pub mod layout;
 mod reconfig;
 mod set;
 mod sketch;
+mod slab;
 mod stack;
 mod stats;
 mod stripe;

@@ -2,6 +2,7 @@
 //! tiers, the bytes of every way.
 
 use crate::sketch::{Sketch, MAX_FREQ};
+use crate::slab::Region;
 
 /// Tag value of an empty entry. It matches no chunk because the public API
 /// refuses chunk number `u64::MAX`.
@@ -70,9 +71,10 @@ pub(crate) struct Set {
     tags: Box<[u64]>,
     /// One per way. Change a tag only through `place` and `vacate`.
     pub(crate) entries: Box<[Entry]>,
-    /// Memory tiers: `ways * chunk_size` bytes, way `w` at `w * chunk_size`.
+    /// Memory tiers: `ways * chunk_size` bytes, way `w` at `w * chunk_size`
+    /// (this set's piece of the tier's mapping, see `slab.rs`).
     /// Disk tiers: empty (the data is in the tier's file).
-    pub(crate) data: Box<[u8]>,
+    pub(crate) data: Region,
     /// Source of LRU stamps. Set-local so that recency bookkeeping never
     /// touches a shared cache line.
     clock: u64,
@@ -93,12 +95,12 @@ pub(crate) struct Set {
 }
 
 impl Set {
-    /// An empty set of `ways` ways holding `data_bytes` bytes of data.
-    pub(crate) fn new(ways: usize, data_bytes: usize) -> Set {
+    /// An empty set of `ways` ways whose bytes (if any) are `data`.
+    pub(crate) fn new(ways: usize, data: Region) -> Set {
         Set {
             tags: vec![EMPTY; ways].into_boxed_slice(),
             entries: vec![Entry::VACANT; ways].into_boxed_slice(),
-            data: vec![0u8; data_bytes].into_boxed_slice(),
+            data,
             clock: 0,
             hits: 0,
             misses: 0,
@@ -229,7 +231,7 @@ mod tests {
 
     #[test]
     fn fills_vacant_ways_first_then_evicts_lru() {
-        let mut s = Set::new(3, 0);
+        let mut s = Set::new(3, Region::empty());
         for (i, tag) in [10u64, 11, 12].into_iter().enumerate() {
             let w = s.replacement_way();
             assert_eq!(w, i, "vacant ways are used in order");
@@ -263,7 +265,7 @@ mod tests {
 
     #[test]
     fn find_ignores_vacant() {
-        let s = Set::new(4, 0);
+        let s = Set::new(4, Region::empty());
         assert_eq!(s.find(0), None);
         assert_eq!(s.find(EMPTY - 1), None);
     }

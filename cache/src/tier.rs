@@ -6,6 +6,7 @@ use crate::disk::DiskFile;
 use crate::error::CacheError;
 use crate::hash::{describe, GroupHash};
 use crate::set::Set;
+use crate::slab;
 use crate::stats::TierStats;
 use parking_lot::Mutex;
 use std::io;
@@ -86,8 +87,11 @@ impl Tier {
                 (Storage::Disk(DiskFile::create(path, len)?), 0)
             }
         };
-        let sets = (0..cfg.groups)
-            .map(|_| Mutex::new(Set::new(cfg.ways, set_bytes)))
+        // One mapping for the whole tier rather than an allocation per
+        // set, so that it can be backed by huge pages (see `slab.rs`).
+        let sets = slab::regions(set_bytes, cfg.groups)?
+            .into_iter()
+            .map(|data| Mutex::new(Set::new(cfg.ways, data)))
             .collect();
         Ok(Tier {
             cfg: cfg.clone(),
