@@ -294,7 +294,13 @@ impl Node {
 
     /// The next thing to do, if any.
     pub fn poll_action(&mut self) -> Option<Action> {
-        self.actions.pop_front()
+        let a = self.actions.pop_front();
+        if a.is_none() {
+            // The event that stored a chunk has been served: the stack's
+            // copy is enough from here on (see `Store`'s `last`).
+            self.store.forget_last();
+        }
+        a
     }
 
     /// The counters.

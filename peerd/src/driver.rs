@@ -51,6 +51,7 @@ use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 
 use crate::cookie::{is_write, wall_ms, CookieStats, Delivery, LinkCookies, ASK_AGAIN};
+use crate::origin_read::{read_pooled, BufPool, OriginDone, Reply};
 use crate::seal::LinkKeys;
 use crate::trace::{Direction, PeerName, Tracer};
 use crate::view::ReadView;
@@ -486,8 +487,13 @@ pub fn start(node: Node, opts: DriverOptions) -> Peer {
     let (done_tx, done_rx) = mpsc::unbounded_channel();
     let (synced_tx, synced_rx) = mpsc::unbounded_channel();
     let (written_tx, written_rx) = mpsc::unbounded_channel();
+    let origin = node.origin();
+    let pool = origin
+        .as_ref()
+        .map(|_| BufPool::new(node.chunk_size() as usize));
     let reads = OriginReads {
-        origin: node.origin(),
+        origin,
+        pool,
         in_flight: 0,
         backlog: VecDeque::new(),
         done_tx,
@@ -550,13 +556,13 @@ pub fn start(node: Node, opts: DriverOptions) -> Peer {
     }
 }
 
-/// A finished origin read: the chunk and its contents or why not.
-type OriginDone = (u64, Result<Bytes, Status>);
-
 /// The root's origin reads (see [`ORIGIN_READS`]).
 struct OriginReads {
     /// Shared with the node, which only reads its geometry.
     origin: Option<Arc<dyn Backing>>,
+    /// Chunk buffers for the reads (made once the chunk size is known: a
+    /// root knows it from the start).
+    pool: Option<Arc<BufPool>>,
     /// Reads running on blocking threads.
     in_flight: usize,
     /// Chunks to read once fewer than [`ORIGIN_READS`] run. The node asks
@@ -1063,10 +1069,12 @@ impl NodeTask {
         });
     }
 
-    /// Read `chunk` from the origin on a blocking thread; the result comes
-    /// back on `reads.done_rx`.
+    /// Read `chunk` from the origin on a blocking thread into a pooled
+    /// buffer; the blocking thread sends the result on `reads.done_tx`
+    /// itself (`origin_read.rs`).
     fn spawn_origin_read(&mut self, chunk: u64) {
-        let Some(origin) = self.reads.origin.clone() else {
+        let (Some(origin), Some(pool)) = (self.reads.origin.clone(), self.reads.pool.clone())
+        else {
             // A node asks only when it has an origin; answer rather than
             // leave the request waiting forever.
             tracing::error!(node = %self.name, chunk, "origin read asked for without an origin");
@@ -1074,27 +1082,17 @@ impl NodeTask {
             self.node.origin_loaded(chunk, Err(Status::IoError), now);
             return;
         };
-        let size = self.node.chunk_size() as usize;
-        let done = self.reads.done_tx.clone();
+        let reply = Reply::new(chunk, self.reads.done_tx.clone());
         self.reads.in_flight += 1;
-        let read =
-            tokio::task::spawn_blocking(move || match read_aligned(origin.as_ref(), chunk, size) {
-                Ok(data) => Ok(data),
-                Err(e) => {
-                    tracing::error!(chunk, error = %e, "origin read failed");
-                    Err(Status::IoError)
-                }
+        // The handle is not awaited: `reply` answers even if the read
+        // panics (its drop sends an error).
+        drop(tokio::task::spawn_blocking(move || {
+            let r = read_pooled(origin.as_ref(), &pool, chunk).map_err(|e| {
+                tracing::error!(chunk, error = %e, "origin read failed");
+                Status::IoError
             });
-        // Awaited on a task of its own so that a read that panics still
-        // frees its slot and fails its requests instead of hanging them.
-        tokio::spawn(async move {
-            let r = read.await.unwrap_or_else(|e| {
-                tracing::error!(chunk, error = %e, "origin read task failed");
-                Err(Status::IoError)
-            });
-            // The node task may have stopped; then nobody needs the data.
-            let _ = done.send((chunk, r));
-        });
+            reply.send(r);
+        }));
     }
 
     fn send_parent(&mut self, m: Message) {
@@ -1254,19 +1252,6 @@ impl NodeTask {
         }
         tracing::info!(node = %self.name, "stopped");
     }
-}
-
-/// Read `chunk` into a page-aligned buffer, so that an O_DIRECT origin
-/// reads straight into it instead of through a bounce buffer and a copy.
-/// The alignment comes from allocating a page more than the chunk and
-/// slicing, which costs that page while the data lives (one round trip to
-/// a child) and needs no unsafe code.
-fn read_aligned(origin: &dyn Backing, chunk: u64, size: usize) -> std::io::Result<Bytes> {
-    const PAGE: usize = 4096;
-    let mut buf = vec![0u8; size + PAGE];
-    let off = (PAGE - buf.as_ptr() as usize % PAGE) % PAGE;
-    origin.read_chunk(chunk, &mut buf[off..off + size])?;
-    Ok(Bytes::from(buf).slice(off..off + size))
 }
 
 /// Sync the cookie ledger every `period` (a no-op at a relay, or without a
