@@ -10,10 +10,11 @@
 //! - a parent task dials the parent, redials when the link drops or the node
 //!   asks for a reset, and hands each new link over the same way;
 //! - [`NodeHandle`]s send local requests and wait on a oneshot for the reply;
-//! - at the root, origin reads ([`Action::OriginRead`]) run on tokio's
-//!   blocking threads, at most `ORIGIN_READS` at a time, and come back on
-//!   a channel of their own, so the disk sees many requests at once and the
-//!   node keeps serving other chunks while one waits. Origin writes
+//! - at the root, origin reads ([`Action::OriginRead`]) run through an
+//!   io_uring (whole O_DIRECT chunks) or on tokio's blocking threads, at
+//!   most `ORIGIN_READS` at a time, and come back on a channel or an eventfd
+//!   of their own (`origin_read.rs`), so the disk sees many requests at
+//!   once and the node keeps serving other chunks while one waits. Origin writes
 //!   ([`Action::OriginWrite`], at most `ORIGIN_WRITES` at a time, one per
 //!   chunk) and fdatasync ([`Action::OriginSync`], one at a time, covering
 //!   every write before it: group commit) run there too, so the root's
@@ -51,7 +52,7 @@ use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 
 use crate::cookie::{is_write, wall_ms, CookieStats, Delivery, LinkCookies, ASK_AGAIN};
-use crate::origin_read::{read_pooled, BufPool, OriginDone, Reply};
+use crate::origin_read::{read_pooled, BufPool, OriginDone, Reply, UringReads};
 use crate::seal::LinkKeys;
 use crate::trace::{Direction, PeerName, Tracer};
 use crate::view::ReadView;
@@ -401,6 +402,11 @@ pub struct DriverOptions {
     /// Records from the parent that fail their check before this node
     /// counts its parent as misbehaving and drops the link (0: never).
     pub max_parent_faults: u32,
+    /// A root's origin file, also held by the node as its backing: the
+    /// driver reads its whole O_DIRECT chunks through io_uring
+    /// (`origin_read.rs`). Without it, or without io_uring, origin reads
+    /// run on blocking threads.
+    pub origin_store: Option<Arc<canopy_origin::OriginStore>>,
 }
 
 /// A running driver.
@@ -491,9 +497,23 @@ pub fn start(node: Node, opts: DriverOptions) -> Peer {
     let pool = origin
         .as_ref()
         .map(|_| BufPool::new(node.chunk_size() as usize));
+    let uring = match (&opts.origin_store, &pool) {
+        (Some(store), Some(pool)) => {
+            match UringReads::new(store.clone(), pool.clone(), ORIGIN_READS) {
+                Ok(u) => Some(u),
+                Err(e) => {
+                    tracing::info!(node = %opts.name, error = %e, "io_uring unavailable; origin reads on blocking threads");
+                    None
+                }
+            }
+        }
+        _ => None,
+    };
     let reads = OriginReads {
         origin,
         pool,
+        uring,
+        reaped: Vec::new(),
         in_flight: 0,
         backlog: VecDeque::new(),
         done_tx,
@@ -563,6 +583,10 @@ struct OriginReads {
     /// Chunk buffers for the reads (made once the chunk size is known: a
     /// root knows it from the start).
     pool: Option<Arc<BufPool>>,
+    /// Reads of whole O_DIRECT chunks through io_uring, when available.
+    uring: Option<UringReads>,
+    /// Completions reaped from the ring, kept to reuse the allocation.
+    reaped: Vec<OriginDone>,
     /// Reads running on blocking threads.
     in_flight: usize,
     /// Chunks to read once fewer than [`ORIGIN_READS`] run. The node asks
@@ -682,6 +706,22 @@ impl NodeTask {
                     while self.reads.writes_in_flight < ORIGIN_WRITES {
                         let Some((c, d)) = self.reads.write_backlog.pop_front() else { break };
                         self.spawn_origin_write(c, d);
+                    }
+                }
+                // The same for reads through io_uring.
+                () = uring_ready(self.reads.uring.as_ref()) => {
+                    let mut done = std::mem::take(&mut self.reads.reaped);
+                    if let Some(u) = self.reads.uring.as_mut() {
+                        u.reap(&mut done);
+                    }
+                    for (chunk, r) in done.drain(..) {
+                        self.reads.in_flight = self.reads.in_flight.saturating_sub(1);
+                        self.node.origin_loaded(chunk, r, self.now());
+                    }
+                    self.reads.reaped = done;
+                    while self.reads.in_flight < ORIGIN_READS {
+                        let Some(next) = self.reads.backlog.pop_front() else { break };
+                        self.spawn_origin_read(next);
                     }
                 }
                 // Before new requests: a completion frees a read slot and
@@ -1009,6 +1049,10 @@ impl NodeTask {
                 }
             }
         }
+        // The reads this wakeup asked for go to the kernel in one call.
+        if let Some(u) = self.reads.uring.as_mut() {
+            u.submit();
+        }
         self.update_readiness(None);
     }
 
@@ -1082,6 +1126,10 @@ impl NodeTask {
             self.node.origin_loaded(chunk, Err(Status::IoError), now);
             return;
         };
+        if self.reads.uring.as_mut().is_some_and(|u| u.start(chunk)) {
+            self.reads.in_flight += 1;
+            return;
+        }
         let reply = Reply::new(chunk, self.reads.done_tx.clone());
         self.reads.in_flight += 1;
         // The handle is not awaited: `reply` answers even if the read
@@ -1273,6 +1321,14 @@ async fn sync_ledger(keys: Arc<LinkKeys>) {
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::warn!(error = %e, "cookie ledger not synced"),
         Err(e) => tracing::warn!(error = %e, "cookie ledger sync failed"),
+    }
+}
+
+/// Completions of `uring`'s reads may be there; never, without a ring.
+async fn uring_ready(uring: Option<&UringReads>) {
+    match uring {
+        Some(u) => u.ready().await,
+        None => std::future::pending().await,
     }
 }
 
