@@ -186,6 +186,14 @@ impl Store {
         self.loose.insert(chunk, data);
     }
 
+    /// Whether `data` are the bytes of the last `put`, as it came (not a
+    /// copy out of the stack).
+    pub(crate) fn is_last(&self, chunk: u64, data: &Bytes) -> bool {
+        self.last
+            .as_ref()
+            .is_some_and(|(c, d)| *c == chunk && d.as_ptr() == data.as_ptr())
+    }
+
     /// Forget the bytes of the last `put` (see [`Store`]'s `last`): the
     /// stack still has them.
     pub(crate) fn forget_last(&mut self) {
@@ -316,11 +324,14 @@ mod tests {
         let got = s.get(7, true).unwrap();
         assert_eq!(got, d);
         assert_eq!(got.as_ptr(), d.as_ptr(), "served from the stored bytes");
+        assert!(s.is_last(7, &got));
+        assert!(!s.is_last(8, &got));
         // Once forgotten, the stack's copy answers, with the same bytes.
         s.forget_last();
         let again = s.get(7, true).unwrap();
         assert_eq!(again, d);
         assert_ne!(again.as_ptr(), d.as_ptr());
+        assert!(!s.is_last(7, &again));
     }
 
     #[test]
