@@ -107,6 +107,10 @@ pub struct NodeConfig {
     /// cookies on a volume with keys): otherwise a write applied before
     /// the loss could land again over a newer one. Off by default.
     pub retry_writes: bool,
+    /// Bytes to read ahead of a local reader whose reads follow one
+    /// another (a child node): see [`crate::Node::local`]. 0: off (the
+    /// default here; `canopy-peerd` sets its own).
+    pub read_ahead_bytes: u64,
 }
 
 impl NodeConfig {
@@ -128,6 +132,7 @@ impl NodeConfig {
             volume_key: None,
             relay: None,
             retry_writes: false,
+            read_ahead_bytes: 0,
         }
     }
 }

@@ -95,6 +95,9 @@ pub struct NodeStats {
     pub sync_flushes: u64,
     /// PUSHes sent to children.
     pub pushes_sent: u64,
+    /// Chunks read ahead of a local reader (see [`Node::local`]).
+    #[serde(default)]
+    pub read_ahead: u64,
     /// ERR_REPLYs sent.
     pub errors_sent: u64,
     /// Dirty chunks lost: dropped because the parent was lost, or given
@@ -219,6 +222,8 @@ pub struct Node {
     pub(crate) push_ahead: u32,
     /// Chunks whose PUT waits to be sent again (`retry.rs`).
     pub(crate) resend: BTreeSet<u64>,
+    /// Read-ahead requests queued and not answered yet (`timers.rs`).
+    pub(crate) reading_ahead: usize,
 }
 
 impl Node {
@@ -283,6 +288,7 @@ impl Node {
             stats: NodeStats::default(),
             push_ahead: 0,
             resend: BTreeSet::new(),
+            reading_ahead: 0,
         }
     }
 
@@ -294,7 +300,13 @@ impl Node {
 
     /// The next thing to do, if any.
     pub fn poll_action(&mut self) -> Option<Action> {
-        self.actions.pop_front()
+        let a = self.actions.pop_front();
+        if a.is_none() {
+            // The event that stored a chunk has been served: the stack's
+            // copy is enough from here on (see `Store`'s `last`).
+            self.store.forget_last();
+        }
+        a
     }
 
     /// The counters.
@@ -445,6 +457,12 @@ impl Node {
     }
 
     pub(crate) fn local_done(&mut self, id: LocalId, r: Result<LocalReply, Status>) {
+        if id == crate::timers::READ_AHEAD {
+            // Nobody waits for a read-ahead: the chunk is in the cache (or,
+            // if it failed, a reader asks again).
+            self.reading_ahead = self.reading_ahead.saturating_sub(1);
+            return;
+        }
         self.stats.local_done += 1;
         self.actions.push_back(Action::LocalDone(id, r));
     }

@@ -9,6 +9,19 @@ use crate::local::{LocalId, LocalOp, LocalReply};
 use crate::node::{Action, Node, Outstanding, Upstream};
 use crate::Millis;
 
+/// The [`LocalId`] of read-ahead requests: nobody waits for them, so their
+/// answers are not reported (`Node::local_done`). The driver numbers its
+/// own requests from 1 upwards and never reaches it.
+pub(crate) const READ_AHEAD: LocalId = LocalId(u64::MAX);
+
+/// Chunks just before a read that must have been read (or asked for)
+/// before it counts as following on: one more than the read itself, as the
+/// kernel's readahead asks of a read before it treats it as sequential.
+const READ_AHEAD_HISTORY: usize = 2;
+
+/// Chunks a read-ahead window holds at most, whatever the bytes say.
+const READ_AHEAD_MAX: usize = 256;
+
 impl Node {
     /// When the driver should next call [`Node::handle_timeout`].
     pub fn poll_timeout(&self) -> Option<Millis> {
@@ -243,7 +256,82 @@ impl Node {
     }
 
     /// A local request (the ublk device, a lock client, a test).
+    ///
+    /// **Read-ahead** (`NodeConfig::read_ahead_bytes`, a child node): a
+    /// local read of chunk `c` whose `h` (at least two) chunks before it
+    /// were read or asked for already also queues reads of the next `h`
+    /// chunks (up to the window) that this node neither has nor has asked
+    /// for, as the kernel's readahead grows with the run behind a read.
+    /// They are ordinary reads with nobody waiting ([`READ_AHEAD`]): the
+    /// chunks arrive with their grants, into the cache, and a reader that
+    /// comes for one finds it there, or waits behind its GET instead of
+    /// sending another. At most a window's worth is queued at a time. A
+    /// cold sequential or file-order reader so keeps more of the parent's
+    /// (and the root's disk's) queue busy than its own queue depth, as
+    /// fio reading through the page cache does against nbdkit in B2.
     pub fn local(&mut self, id: LocalId, op: LocalOp, now: Millis) {
+        let read = matches!(op, LocalOp::Read { .. }) && id != READ_AHEAD;
+        let chunk = op.chunk();
+        self.local_op(id, op, now);
+        if read {
+            self.read_ahead(chunk, now);
+        }
+    }
+
+    /// Chunks in a read-ahead window (0: off): the configured bytes in
+    /// whole chunks, once the chunk size is known.
+    fn read_ahead_window(&self) -> usize {
+        if self.chunk_size == 0 || self.is_root() {
+            return 0;
+        }
+        let chunks = self.cfg.read_ahead_bytes / u64::from(self.chunk_size);
+        usize::try_from(chunks)
+            .unwrap_or(usize::MAX)
+            .min(READ_AHEAD_MAX)
+    }
+
+    /// Whether this node has `chunk`, or has asked for it.
+    fn has_or_asked(&self, chunk: u64) -> bool {
+        self.table
+            .get(&chunk)
+            .is_some_and(|e| e.has_data || e.up.is_some() || !e.queue.is_empty())
+    }
+
+    /// Queue the read-ahead a local read of `chunk` calls for (see
+    /// [`Node::local`]).
+    fn read_ahead(&mut self, chunk: u64, now: Millis) {
+        let window = self.read_ahead_window();
+        if window == 0 || !self.is_ready() {
+            return;
+        }
+        let behind = (1..=window as u64)
+            .take_while(|&k| chunk.checked_sub(k).is_some_and(|c| self.has_or_asked(c)))
+            .count();
+        if behind < READ_AHEAD_HISTORY {
+            return;
+        }
+        let last = chunk
+            .saturating_add(behind as u64)
+            .min(self.num_chunks().saturating_sub(1));
+        for next in chunk.saturating_add(1)..=last {
+            if self.reading_ahead >= window {
+                break;
+            }
+            if self.has_or_asked(next) {
+                continue;
+            }
+            self.reading_ahead += 1;
+            self.stats.read_ahead += 1;
+            self.local_op(READ_AHEAD, LocalOp::Read { chunk: next }, now);
+        }
+    }
+
+    /// Read-ahead requests queued and not answered yet.
+    pub fn read_ahead_in_flight(&self) -> usize {
+        self.reading_ahead
+    }
+
+    fn local_op(&mut self, id: LocalId, op: LocalOp, now: Millis) {
         if !self.is_ready() {
             if self.upstream == Upstream::Idle {
                 self.send_connect();

@@ -46,9 +46,17 @@ impl Node {
         }
         let expiry = e.expiry;
         self.published.insert(chunk);
+        // Bytes that just arrived may be a slice of the link's whole read
+        // buffer (`Store`'s `last`): a published copy lives on, and would
+        // keep all of that buffer alive. It gets bytes of its own.
+        let data = if self.store.is_last(chunk, data) {
+            Bytes::copy_from_slice(data)
+        } else {
+            data.clone()
+        };
         self.actions.push_back(Action::Publish {
             chunk,
-            data: data.clone(),
+            data,
             expiry,
         });
     }

@@ -393,6 +393,12 @@ impl Sim {
                 let size = (1 + crng.below(4)) * CHUNK as u64;
                 cfg.cache_disk = vec![(dir.path().join(format!("{i}.cache")), size)];
             }
+            // Read-ahead at the leaves on half the seeds, windows of one to
+            // three chunks; chosen from the seed, so the random stream (and
+            // every other seed's schedule) stays as it was.
+            if seed % 2 == 1 && leaves.contains(&i) {
+                cfg.read_ahead_bytes = (1 + (seed / 2 + i as u64) % 3) * CHUNK as u64;
+            }
             modes.push(cfg.write_mode);
             let mut n = if role == Role::Root {
                 Node::new_root(
@@ -1660,6 +1666,17 @@ impl Sim {
             self.tick(300);
             self.quiesce();
         }
+        // At rest, every read-ahead was answered (nobody waits for them, so
+        // the other checks would not see one that never was).
+        for i in 0..self.nodes.len() {
+            let left = self.nodes[i].read_ahead_in_flight();
+            if left > 0 {
+                self.fail(format!(
+                    "(iv) {} has {left} read-aheads unanswered at rest",
+                    self.names[i]
+                ));
+            }
+        }
         for chunk in 0..LOCK_CHUNK {
             for (i, n) in self.nodes.iter().enumerate() {
                 if n.inspect(chunk, self.now).dirty {
@@ -1762,6 +1779,8 @@ struct Counts {
     locks_lost: u64,
     /// Records that crossed a hop to or from an untrusted relay.
     relayed: usize,
+    /// Chunks the leaves read ahead.
+    read_ahead: u64,
 }
 
 fn run_seed(seed: u64, verbose: bool) -> Counts {
@@ -1794,6 +1813,7 @@ fn run_seed(seed: u64, verbose: bool) -> Counts {
             .sum(),
         locks_lost: sim.nodes.iter().map(|n| n.stats().locks_lost).sum(),
         relayed: sim.relayed,
+        read_ahead: sim.nodes.iter().map(|n| n.stats().read_ahead).sum(),
     }
 }
 
@@ -1803,8 +1823,8 @@ fn simulation() {
         let seed: u64 = s.parse().expect("SIM_SEED must be a number");
         let c = run_seed(seed, true);
         println!(
-            "seed {seed}: {} ops, {} writes, {} link breaks, {} failed ops, {} evictions, {} disk-tier demotions, {} locks lost, {} records through relays, all invariants held",
-            c.ops, c.writes, c.breaks, c.failed, c.evictions, c.disk_demotions, c.locks_lost, c.relayed
+            "seed {seed}: {} ops, {} writes, {} link breaks, {} failed ops, {} evictions, {} disk-tier demotions, {} locks lost, {} records through relays, {} chunks read ahead, all invariants held",
+            c.ops, c.writes, c.breaks, c.failed, c.evictions, c.disk_demotions, c.locks_lost, c.relayed, c.read_ahead
         );
         return;
     }
@@ -1826,10 +1846,11 @@ fn simulation() {
         t.disk_demotions += c.disk_demotions;
         t.locks_lost += c.locks_lost;
         t.relayed += c.relayed;
+        t.read_ahead += c.read_ahead;
     }
     println!(
-        "simulation: {seeds} seeds, {} operations, {} link breaks, {} failed operations, {} evictions, {} disk-tier demotions, {} locks lost, {} records through relays, all invariants held",
-        t.ops, t.breaks, t.failed, t.evictions, t.disk_demotions, t.locks_lost, t.relayed
+        "simulation: {seeds} seeds, {} operations, {} link breaks, {} failed operations, {} evictions, {} disk-tier demotions, {} locks lost, {} records through relays, {} chunks read ahead, all invariants held",
+        t.ops, t.breaks, t.failed, t.evictions, t.disk_demotions, t.locks_lost, t.relayed, t.read_ahead
     );
     // The invariants above held through the victim cleaner and the disk
     // tiers only if the seeds exercised them.
@@ -1837,6 +1858,7 @@ fn simulation() {
         assert!(t.evictions > 0, "no seed evicted anything");
         assert!(t.disk_demotions > 0, "no seed demoted into a disk tier");
         assert!(t.relayed > 0, "no record crossed a relay");
+        assert!(t.read_ahead > 0, "no leaf read ahead");
     }
     if seeds >= 1000 {
         assert!(t.locks_lost > 0, "no seed lost a lock with a broken path");

@@ -12,4 +12,7 @@
 pub mod size;
 pub mod store;
 
-pub use store::{check_chunk_size, check_volume_size, OriginError, OriginStats, OriginStore};
+pub use store::{
+    check_chunk_size, check_volume_size, DirectChunk, OriginError, OriginStats, OriginStore,
+    SharedOrigin,
+};

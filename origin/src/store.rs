@@ -74,6 +74,49 @@ pub struct OriginStats {
     pub zeroes: u64,
 }
 
+/// A chunk's place on the origin's O_DIRECT descriptor
+/// ([`OriginStore::direct_chunk`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DirectChunk {
+    /// The O_DIRECT descriptor; valid while the store lives.
+    pub fd: std::os::fd::RawFd,
+    /// Byte offset of the chunk.
+    pub offset: u64,
+    /// Bytes of the chunk inside the volume (a multiple of `align`).
+    pub len: usize,
+    /// Alignment the buffer's address must have.
+    pub align: usize,
+}
+
+/// An [`OriginStore`] shared between a node, which holds it as its
+/// [`Backing`], and a driver that also reads it by itself
+/// ([`OriginStore::direct_chunk`]).
+pub struct SharedOrigin(pub std::sync::Arc<OriginStore>);
+
+impl Backing for SharedOrigin {
+    fn read_chunk(&self, chunk: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.0.read_chunk(chunk, buf)
+    }
+    fn write_chunk(&self, chunk: u64, data: &[u8]) -> io::Result<()> {
+        self.0.write_chunk(chunk, data)
+    }
+    fn sync(&self) -> io::Result<()> {
+        Backing::sync(self.0.as_ref())
+    }
+    fn zero_chunk(&self, chunk: u64) -> io::Result<()> {
+        self.0.zero_chunk(chunk)
+    }
+    fn write_range(
+        &self,
+        chunk: u64,
+        offset: usize,
+        data: &[u8],
+        scratch: &mut [u8],
+    ) -> io::Result<()> {
+        self.0.write_range(chunk, offset, data, scratch)
+    }
+}
+
 /// The authoritative store of a standalone volume.
 pub struct OriginStore {
     path: PathBuf,
@@ -322,6 +365,29 @@ impl OriginStore {
         self.buffered.sync_data()
     }
 
+    /// Where a whole `chunk` can be read with O_DIRECT, for a caller that
+    /// reads it asynchronously itself (the tree's root, through io_uring):
+    /// the direct descriptor and the chunk's byte range, when there is a
+    /// direct descriptor and the range is aligned as it demands (not so for
+    /// a partial last chunk of odd length). The caller's buffer must be
+    /// aligned to `align`, and it must call [`OriginStore::count_read`].
+    pub fn direct_chunk(&self, chunk: u64) -> Option<DirectChunk> {
+        let (file, align) = self.direct.as_ref()?;
+        let (offset, len) = self.chunk_span(chunk).ok()?;
+        is_aligned(offset, len, *align).then(|| DirectChunk {
+            fd: file.as_raw_fd(),
+            offset,
+            len,
+            align: *align,
+        })
+    }
+
+    /// Count a chunk read made outside [`Backing::read_chunk`] (see
+    /// [`OriginStore::direct_chunk`]), so the statistics stay whole.
+    pub fn count_read(&self) {
+        self.reads.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// The byte range of `chunk` that lies inside the volume, or an error if
     /// the chunk is past the end.
     fn chunk_span(&self, chunk: u64) -> io::Result<(u64, usize)> {
@@ -558,6 +624,30 @@ mod tests {
             OriginStore::open(dir.path(), None, 4096),
             Err(OriginError::NotFileOrDevice(_))
         ));
+    }
+
+    #[test]
+    fn direct_chunks_are_whole_and_aligned_or_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // 2.5 chunks of 4 KiB: the last one is 2 KiB.
+        let s = store(&dir, 4096 * 2 + 2048);
+        let Some(d) = s.direct_chunk(1) else {
+            // A filesystem without O_DIRECT (tmpfs): nothing to hand out.
+            assert!(!s.is_direct());
+            assert_eq!(s.direct_chunk(0), None);
+            return;
+        };
+        assert_eq!((d.offset, d.len), (4096, 4096));
+        assert!(d.align <= 4096 && d.align.is_power_of_two());
+        // The tail is whole only if its length suits the alignment.
+        match s.direct_chunk(2) {
+            Some(t) => assert_eq!((t.offset, t.len), (8192, 2048)),
+            None => assert!(!2048usize.is_multiple_of(d.align)),
+        }
+        assert_eq!(s.direct_chunk(3), None, "past the end");
+        let before = s.stats().reads;
+        s.count_read();
+        assert_eq!(s.stats().reads, before + 1);
     }
 
     #[test]

@@ -236,6 +236,12 @@ impl Serialize for Millis {
     }
 }
 
+/// Read-ahead of a leaf or proxy when `read_ahead` is not given: 2 MiB,
+/// 32 chunks of the default size. B2's shuffled whole-volume read at depth
+/// 8 went from 172 and 173 MB/s to 292 and 221 with it (a loaded machine;
+/// fio through the page cache, its peer, has the kernel's readahead).
+pub const DEFAULT_READ_AHEAD: u64 = 2 << 20;
+
 /// Everything a peer is told at start; the TOML file's schema.
 ///
 /// Optional keys left out take the defaults documented on each accessor.
@@ -274,6 +280,10 @@ pub struct PeerConfig {
     /// At most one of `cache_mem` and `cache_chunks`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache_mem: Option<Size>,
+    /// Bytes a leaf or proxy reads ahead of a local reader whose reads
+    /// follow one another (`canopy_node::Node::local`); default 2M, 0 off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_ahead: Option<Size>,
     /// Disk tiers below the memory tier (proxy, leaf), in order:
     /// `["/var/cache/canopy/v.cache:10G"]`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -395,6 +405,7 @@ impl PeerConfig {
             size: None,
             cache_chunks: None,
             cache_mem: None,
+            read_ahead: None,
             cache_disk: Vec::new(),
             write_mode: None,
             hb_ttl: None,
@@ -467,6 +478,7 @@ impl PeerConfig {
                 present("parent", self.parent.is_some())?;
                 present("cache_chunks", self.cache_chunks.is_some())?;
                 present("cache_mem", self.cache_mem.is_some())?;
+                present("read_ahead", self.read_ahead.is_some())?;
                 present("cache_disk", !self.cache_disk.is_empty())?;
                 present("write_mode", self.write_mode.is_some())?;
                 present("sync_interval", self.sync_interval.is_some())?;
@@ -612,6 +624,7 @@ impl PeerConfig {
         c.sync_interval_ms = self.sync_interval().0;
         c.capacity_chunks = self.cache_chunks();
         c.capacity_bytes = self.cache_mem.map(|s| s.0);
+        c.read_ahead_bytes = self.read_ahead.map_or(DEFAULT_READ_AHEAD, |s| s.0);
         c.cache_disk = self
             .cache_disk
             .iter()
@@ -667,6 +680,20 @@ mod tests {
         let n = c.node_config();
         assert_eq!(n.hb_ttl_ms, 30_000);
         assert!(!n.connect_lazily);
+    }
+
+    #[test]
+    fn read_ahead_defaults_turns_off_and_is_no_roots_business() {
+        let leaf = "role = \"leaf\"\nvolume = \"v\"\nparent = \"x:1\"\n";
+        let c = parse(leaf).unwrap();
+        assert_eq!(c.node_config().read_ahead_bytes, DEFAULT_READ_AHEAD);
+        let c = parse(&format!("{leaf}read_ahead = \"4M\"\n")).unwrap();
+        assert_eq!(c.node_config().read_ahead_bytes, 4 << 20);
+        let c = parse(&format!("{leaf}read_ahead = 0\n")).unwrap();
+        assert_eq!(c.node_config().read_ahead_bytes, 0);
+        let root = "role = \"root\"\nvolume = \"v\"\nlisten = \"127.0.0.1:1\"\norigin = \"/tmp/x\"\nread_ahead = \"1M\"\n";
+        let e = parse(root).and_then(|c| c.validate("test")).unwrap_err();
+        assert!(e.to_string().contains("read_ahead"), "{e}");
     }
 
     #[test]

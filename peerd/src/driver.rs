@@ -10,10 +10,11 @@
 //! - a parent task dials the parent, redials when the link drops or the node
 //!   asks for a reset, and hands each new link over the same way;
 //! - [`NodeHandle`]s send local requests and wait on a oneshot for the reply;
-//! - at the root, origin reads ([`Action::OriginRead`]) run on tokio's
-//!   blocking threads, at most `ORIGIN_READS` at a time, and come back on
-//!   a channel of their own, so the disk sees many requests at once and the
-//!   node keeps serving other chunks while one waits. Origin writes
+//! - at the root, origin reads ([`Action::OriginRead`]) run through an
+//!   io_uring (whole O_DIRECT chunks) or on tokio's blocking threads, at
+//!   most `ORIGIN_READS` at a time, and come back on a channel or an eventfd
+//!   of their own (`origin_read.rs`), so the disk sees many requests at
+//!   once and the node keeps serving other chunks while one waits. Origin writes
 //!   ([`Action::OriginWrite`], at most `ORIGIN_WRITES` at a time, one per
 //!   chunk) and fdatasync ([`Action::OriginSync`], one at a time, covering
 //!   every write before it: group commit) run there too, so the root's
@@ -51,6 +52,7 @@ use tokio::task::{JoinHandle, JoinSet};
 use tokio::time::Instant;
 
 use crate::cookie::{is_write, wall_ms, CookieStats, Delivery, LinkCookies, ASK_AGAIN};
+use crate::origin_read::{read_pooled, BufPool, OriginDone, Reply, UringReads};
 use crate::seal::LinkKeys;
 use crate::trace::{Direction, PeerName, Tracer};
 use crate::view::ReadView;
@@ -400,6 +402,11 @@ pub struct DriverOptions {
     /// Records from the parent that fail their check before this node
     /// counts its parent as misbehaving and drops the link (0: never).
     pub max_parent_faults: u32,
+    /// A root's origin file, also held by the node as its backing: the
+    /// driver reads its whole O_DIRECT chunks through io_uring
+    /// (`origin_read.rs`). Without it, or without io_uring, origin reads
+    /// run on blocking threads.
+    pub origin_store: Option<Arc<canopy_origin::OriginStore>>,
 }
 
 /// A running driver.
@@ -486,8 +493,27 @@ pub fn start(node: Node, opts: DriverOptions) -> Peer {
     let (done_tx, done_rx) = mpsc::unbounded_channel();
     let (synced_tx, synced_rx) = mpsc::unbounded_channel();
     let (written_tx, written_rx) = mpsc::unbounded_channel();
+    let origin = node.origin();
+    let pool = origin
+        .as_ref()
+        .map(|_| BufPool::new(node.chunk_size() as usize));
+    let uring = match (&opts.origin_store, &pool) {
+        (Some(store), Some(pool)) => {
+            match UringReads::new(store.clone(), pool.clone(), ORIGIN_READS) {
+                Ok(u) => Some(u),
+                Err(e) => {
+                    tracing::info!(node = %opts.name, error = %e, "io_uring unavailable; origin reads on blocking threads");
+                    None
+                }
+            }
+        }
+        _ => None,
+    };
     let reads = OriginReads {
-        origin: node.origin(),
+        origin,
+        pool,
+        uring,
+        reaped: Vec::new(),
         in_flight: 0,
         backlog: VecDeque::new(),
         done_tx,
@@ -550,13 +576,17 @@ pub fn start(node: Node, opts: DriverOptions) -> Peer {
     }
 }
 
-/// A finished origin read: the chunk and its contents or why not.
-type OriginDone = (u64, Result<Bytes, Status>);
-
 /// The root's origin reads (see [`ORIGIN_READS`]).
 struct OriginReads {
     /// Shared with the node, which only reads its geometry.
     origin: Option<Arc<dyn Backing>>,
+    /// Chunk buffers for the reads (made once the chunk size is known: a
+    /// root knows it from the start).
+    pool: Option<Arc<BufPool>>,
+    /// Reads of whole O_DIRECT chunks through io_uring, when available.
+    uring: Option<UringReads>,
+    /// Completions reaped from the ring, kept to reuse the allocation.
+    reaped: Vec<OriginDone>,
     /// Reads running on blocking threads.
     in_flight: usize,
     /// Chunks to read once fewer than [`ORIGIN_READS`] run. The node asks
@@ -676,6 +706,22 @@ impl NodeTask {
                     while self.reads.writes_in_flight < ORIGIN_WRITES {
                         let Some((c, d)) = self.reads.write_backlog.pop_front() else { break };
                         self.spawn_origin_write(c, d);
+                    }
+                }
+                // The same for reads through io_uring.
+                () = uring_ready(self.reads.uring.as_ref()) => {
+                    let mut done = std::mem::take(&mut self.reads.reaped);
+                    if let Some(u) = self.reads.uring.as_mut() {
+                        u.reap(&mut done);
+                    }
+                    for (chunk, r) in done.drain(..) {
+                        self.reads.in_flight = self.reads.in_flight.saturating_sub(1);
+                        self.node.origin_loaded(chunk, r, self.now());
+                    }
+                    self.reads.reaped = done;
+                    while self.reads.in_flight < ORIGIN_READS {
+                        let Some(next) = self.reads.backlog.pop_front() else { break };
+                        self.spawn_origin_read(next);
                     }
                 }
                 // Before new requests: a completion frees a read slot and
@@ -1003,6 +1049,10 @@ impl NodeTask {
                 }
             }
         }
+        // The reads this wakeup asked for go to the kernel in one call.
+        if let Some(u) = self.reads.uring.as_mut() {
+            u.submit();
+        }
         self.update_readiness(None);
     }
 
@@ -1063,10 +1113,12 @@ impl NodeTask {
         });
     }
 
-    /// Read `chunk` from the origin on a blocking thread; the result comes
-    /// back on `reads.done_rx`.
+    /// Read `chunk` from the origin on a blocking thread into a pooled
+    /// buffer; the blocking thread sends the result on `reads.done_tx`
+    /// itself (`origin_read.rs`).
     fn spawn_origin_read(&mut self, chunk: u64) {
-        let Some(origin) = self.reads.origin.clone() else {
+        let (Some(origin), Some(pool)) = (self.reads.origin.clone(), self.reads.pool.clone())
+        else {
             // A node asks only when it has an origin; answer rather than
             // leave the request waiting forever.
             tracing::error!(node = %self.name, chunk, "origin read asked for without an origin");
@@ -1074,27 +1126,21 @@ impl NodeTask {
             self.node.origin_loaded(chunk, Err(Status::IoError), now);
             return;
         };
-        let size = self.node.chunk_size() as usize;
-        let done = self.reads.done_tx.clone();
+        if self.reads.uring.as_mut().is_some_and(|u| u.start(chunk)) {
+            self.reads.in_flight += 1;
+            return;
+        }
+        let reply = Reply::new(chunk, self.reads.done_tx.clone());
         self.reads.in_flight += 1;
-        let read =
-            tokio::task::spawn_blocking(move || match read_aligned(origin.as_ref(), chunk, size) {
-                Ok(data) => Ok(data),
-                Err(e) => {
-                    tracing::error!(chunk, error = %e, "origin read failed");
-                    Err(Status::IoError)
-                }
+        // The handle is not awaited: `reply` answers even if the read
+        // panics (its drop sends an error).
+        drop(tokio::task::spawn_blocking(move || {
+            let r = read_pooled(origin.as_ref(), &pool, chunk).map_err(|e| {
+                tracing::error!(chunk, error = %e, "origin read failed");
+                Status::IoError
             });
-        // Awaited on a task of its own so that a read that panics still
-        // frees its slot and fails its requests instead of hanging them.
-        tokio::spawn(async move {
-            let r = read.await.unwrap_or_else(|e| {
-                tracing::error!(chunk, error = %e, "origin read task failed");
-                Err(Status::IoError)
-            });
-            // The node task may have stopped; then nobody needs the data.
-            let _ = done.send((chunk, r));
-        });
+            reply.send(r);
+        }));
     }
 
     fn send_parent(&mut self, m: Message) {
@@ -1256,19 +1302,6 @@ impl NodeTask {
     }
 }
 
-/// Read `chunk` into a page-aligned buffer, so that an O_DIRECT origin
-/// reads straight into it instead of through a bounce buffer and a copy.
-/// The alignment comes from allocating a page more than the chunk and
-/// slicing, which costs that page while the data lives (one round trip to
-/// a child) and needs no unsafe code.
-fn read_aligned(origin: &dyn Backing, chunk: u64, size: usize) -> std::io::Result<Bytes> {
-    const PAGE: usize = 4096;
-    let mut buf = vec![0u8; size + PAGE];
-    let off = (PAGE - buf.as_ptr() as usize % PAGE) % PAGE;
-    origin.read_chunk(chunk, &mut buf[off..off + size])?;
-    Ok(Bytes::from(buf).slice(off..off + size))
-}
-
 /// Sync the cookie ledger every `period` (a no-op at a relay, or without a
 /// ledger file), on a blocking thread: the fsync and a compaction's
 /// rewrite must not stall the runtime's workers.
@@ -1288,6 +1321,14 @@ async fn sync_ledger(keys: Arc<LinkKeys>) {
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::warn!(error = %e, "cookie ledger not synced"),
         Err(e) => tracing::warn!(error = %e, "cookie ledger sync failed"),
+    }
+}
+
+/// Completions of `uring`'s reads may be there; never, without a ring.
+async fn uring_ready(uring: Option<&UringReads>) {
+    match uring {
+        Some(u) => u.ready().await,
+        None => std::future::pending().await,
     }
 }
 

@@ -11,6 +11,7 @@ pub mod driver;
 pub mod errline;
 pub mod ledger;
 pub mod lines;
+mod origin_read;
 pub mod seal;
 pub mod setup;
 pub mod trace;

@@ -146,6 +146,10 @@ struct Tiers {
     /// own hash function.
     #[arg(long, value_name = "PATH:SIZE")]
     cache_disk: Vec<DiskTier>,
+    /// Bytes to read ahead of a local reader whose reads follow one
+    /// another (0: off) [default: 2M].
+    #[arg(long, value_name = "SIZE")]
+    read_ahead: Option<Size>,
 }
 
 /// A trusted node's cache and write settings.
@@ -265,6 +269,7 @@ impl Tiers {
         c.cache_chunks = self.cache_chunks;
         c.cache_mem = self.cache_mem;
         c.cache_disk = self.cache_disk;
+        c.read_ahead = self.read_ahead;
     }
 }
 

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use canopy_node::Node;
-use canopy_origin::{OriginError, OriginStore};
+use canopy_origin::{OriginError, OriginStore, SharedOrigin};
 use tokio::net::TcpListener;
 
 use crate::config::{PeerConfig, PeerRole};
@@ -161,6 +161,16 @@ fn ledger_path(cfg: &PeerConfig) -> Option<std::path::PathBuf> {
 /// Build the sans-IO node a configuration describes (opening the origin
 /// for a root), for a volume with `keys` if given.
 pub fn build_node(cfg: &PeerConfig, keys: Option<&LinkKeys>) -> Result<Node, SetupError> {
+    build_node_sharing(cfg, keys).map(|(node, _)| node)
+}
+
+/// [`build_node`], and for a root its origin file, shared with the node,
+/// for the driver's own reads of it (`origin_read.rs`).
+fn build_node_sharing(
+    cfg: &PeerConfig,
+    keys: Option<&LinkKeys>,
+) -> Result<(Node, Option<Arc<OriginStore>>), SetupError> {
+    let mut shared = None;
     let mut ncfg = cfg.node_config();
     ncfg.volume_key = keys.map(LinkKeys::volume_key);
     // A trusted writer's links re-send a write with its first cookie, which
@@ -171,10 +181,12 @@ pub fn build_node(cfg: &PeerConfig, keys: Option<&LinkKeys>) -> Result<Node, Set
             let path = cfg.origin.as_deref().ok_or(SetupError::Missing("origin"))?;
             // Validation bounded chunk_size to 4K..=1M.
             let chunk = usize::try_from(cfg.chunk_size()).unwrap_or(usize::MAX);
-            let store = open_origin(path, cfg.size.map(|s| s.0), chunk)?;
+            let store = Arc::new(open_origin(path, cfg.size.map(|s| s.0), chunk)?);
             let size = store.size();
             let chunk32 = u32::try_from(chunk).unwrap_or(u32::MAX);
-            let mut node = Node::new_root(ncfg, Some(Box::new(store)), chunk32, size);
+            shared = Some(store.clone());
+            let origin = Box::new(SharedOrigin(store));
+            let mut node = Node::new_root(ncfg, Some(origin), chunk32, size);
             node.set_version_base(version_base());
             node
         }
@@ -186,7 +198,7 @@ pub fn build_node(cfg: &PeerConfig, keys: Option<&LinkKeys>) -> Result<Node, Set
         }
     };
     node.set_push_ahead(cfg.push_ahead.unwrap_or(0));
-    Ok(node)
+    Ok((node, shared))
 }
 
 /// The root's first chunk version this run (`canopy_node::Node::set_version_base`):
@@ -255,7 +267,7 @@ pub async fn start_peer_with_view(
 async fn start(cfg: &PeerConfig, view: Option<Arc<ReadView>>) -> Result<Peer, SetupError> {
     let name = cfg.name();
     let keys = load_keys(cfg)?;
-    let mut node = build_node(cfg, keys.as_ref())?;
+    let (mut node, origin_store) = build_node_sharing(cfg, keys.as_ref())?;
     node.set_publish_reads(view.is_some());
     let listener = match cfg.listen.as_deref() {
         Some(addr) => Some(
@@ -285,6 +297,7 @@ async fn start(cfg: &PeerConfig, view: Option<Arc<ReadView>>) -> Result<Peer, Se
             view,
             keys,
             max_parent_faults: cfg.max_parent_faults.unwrap_or(3),
+            origin_store,
         },
     );
     if let Some(addr) = peer.local_addr() {
