@@ -12,8 +12,8 @@
 //! matches no chunk, which is why chunk `u64::MAX` is refused), a dirty bit,
 //! a write generation and an LRU stamp. A tier lives in memory (one
 //! anonymous mapping of `groups * ways * chunk_size` bytes, 2 MiB aligned
-//! and advised for transparent huge pages, each set owning its
-//! `ways * chunk_size` slice; committed as chunks arrive) or on disk (a file, slot `i` at
+//! and advised for transparent huge pages, each set owning its `ways`
+//! chunk-sized slots in it; committed as chunks arrive) or on disk (a file, slot `i` at
 //! byte `i * chunk_size`, only metadata in memory; I/O through a per-thread
 //! `io_uring`, falling back to `pread`/`pwrite` if a ring can't be set up).
 //!

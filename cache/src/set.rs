@@ -71,9 +71,9 @@ pub(crate) struct Set {
     tags: Box<[u64]>,
     /// One per way. Change a tag only through `place` and `vacate`.
     pub(crate) entries: Box<[Entry]>,
-    /// Memory tiers: `ways * chunk_size` bytes, way `w` at `w * chunk_size`
-    /// (this set's piece of the tier's mapping, see `slab.rs`).
-    /// Disk tiers: empty (the data is in the tier's file).
+    /// Memory tiers: one chunk's bytes per way, this set's slots in the
+    /// tier's mapping (see `slab.rs`). Disk tiers: empty (the data is in
+    /// the tier's file).
     pub(crate) data: Region,
     /// Source of LRU stamps. Set-local so that recency bookkeeping never
     /// touches a shared cache line.

@@ -55,78 +55,94 @@ impl Drop for Slab {
     }
 }
 
-/// One set's bytes: a disjoint piece of a tier's mapping, owned like a
-/// `Box<[u8]>` (reached through `&`/`&mut` exactly as the set holding it
-/// is), zeroed at first.
+/// One set's slots: `ways` chunk-sized pieces of a tier's mapping, way
+/// `w` of set `s` at `(w * sets + s) * chunk` (see [`regions`]), owned
+/// like a `Box<[u8]>` per way (reached through `&`/`&mut` exactly as the
+/// set holding it is), zeroed at first.
 pub(crate) struct Region {
     ptr: NonNull<u8>,
-    len: usize,
+    /// Bytes per slot.
+    chunk: usize,
+    /// From one way's slot to the next: `sets * chunk`.
+    stride: usize,
+    ways: usize,
     /// Keeps the mapping alive as long as this region exists. `None` for
     /// an empty region (disk tiers keep no bytes in memory).
     _slab: Option<Arc<Slab>>,
 }
 
-// SAFETY: a Region is the unique owner of its bytes (regions are created
-// only by `regions`, never overlap and are not Clone), so sending one to
-// another thread is like sending a Box<[u8]>.
+// SAFETY: a Region is the unique owner of its slots (regions are created
+// only by `regions`, whose slots never overlap, and are not Clone), so
+// sending one to another thread is like sending a Box<[u8]> per way.
 unsafe impl Send for Region {}
 // SAFETY: `&Region` only hands out `&[u8]`, and `&mut [u8]` needs
-// `&mut Region`; the borrow rules on the Region are the rules on its bytes,
-// as for a Box<[u8]>.
+// `&mut Region`; the borrow rules on the Region are the rules on its
+// slots, as for a Box<[u8]>.
 unsafe impl Sync for Region {}
 
 impl Region {
-    /// A region of no bytes.
+    /// A region of no slots.
     pub(crate) fn empty() -> Region {
         Region {
             ptr: NonNull::dangling(),
-            len: 0,
+            chunk: 0,
+            stride: 0,
+            ways: 0,
             _slab: None,
+        }
+    }
+
+    /// Way `w`'s slot. Panics if `w` is not a way of this set, as
+    /// indexing would.
+    #[inline]
+    pub(crate) fn way(&self, w: usize) -> &[u8] {
+        assert!(w < self.ways, "way {w} of {}", self.ways);
+        // SAFETY: `w < ways`, so `ptr + w * stride .. + chunk` is one of
+        // this region's slots, inside a live mapping (the Arc keeps it),
+        // readable and zero-initialised by mmap, and no other Region's
+        // slot overlaps it; shared access through `&self` cannot alias a
+        // `&mut` to it (that needs `&mut self`).
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().add(w * self.stride), self.chunk) }
+    }
+
+    /// Way `w`'s slot, to write. Panics if `w` is not a way of this set.
+    #[inline]
+    pub(crate) fn way_mut(&mut self, w: usize) -> &mut [u8] {
+        assert!(w < self.ways, "way {w} of {}", self.ways);
+        // SAFETY: as in `way`, and `&mut self` makes this the only
+        // reference to the slot for its lifetime.
+        unsafe {
+            std::slice::from_raw_parts_mut(self.ptr.as_ptr().add(w * self.stride), self.chunk)
         }
     }
 }
 
-impl std::ops::Deref for Region {
-    type Target = [u8];
-
-    #[inline]
-    fn deref(&self) -> &[u8] {
-        // SAFETY: `ptr..ptr+len` lies inside a live mapping (the Arc keeps
-        // it), readable and zero-initialised by mmap, and no other Region
-        // overlaps it; shared access through `&self` cannot alias a
-        // `&mut` to it (that needs `&mut self`). For the empty region,
-        // a dangling non-null pointer with length 0 is valid.
-        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
-    }
-}
-
-impl std::ops::DerefMut for Region {
-    #[inline]
-    fn deref_mut(&mut self) -> &mut [u8] {
-        // SAFETY: as in `deref`, and `&mut self` makes this the only
-        // reference to these bytes for its lifetime.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
-    }
-}
-
-/// `count` zeroed regions of `each` bytes, consecutive in one fresh
-/// mapping (region `i` at byte `i * each`). A mapping of 2 MiB or more is
-/// aligned to [`HUGE_PAGE`], rounded up to a whole huge page, and advised
-/// `MADV_HUGEPAGE`.
-pub(crate) fn regions(each: usize, count: usize) -> io::Result<Vec<Region>> {
-    let total = each
-        .checked_mul(count)
-        .ok_or_else(|| io::Error::from(io::ErrorKind::OutOfMemory))?;
+/// The zeroed slots of `sets` sets of `ways` ways of `chunk` bytes, in
+/// one fresh mapping, *way-major*: way `w` of set `s` at byte
+/// `(w * sets + s) * chunk`. A set fills its vacant ways in order, and the
+/// hash spreads chunks over all sets, so a tier fills from the front of
+/// the mapping: with 2 MiB pages a tier an eighth full has committed about
+/// an eighth of its memory, where a set-major layout (each set's ways
+/// together) would have touched every huge page. A mapping of 2 MiB or
+/// more is aligned to [`HUGE_PAGE`], rounded up to a whole huge page, and
+/// advised `MADV_HUGEPAGE`.
+pub(crate) fn regions(chunk: usize, ways: usize, sets: usize) -> io::Result<Vec<Region>> {
+    let too_big = || io::Error::from(io::ErrorKind::OutOfMemory);
+    let stride = chunk.checked_mul(sets).ok_or_else(too_big)?;
+    let total = stride.checked_mul(ways).ok_or_else(too_big)?;
     if total == 0 {
-        return Ok((0..count).map(|_| Region::empty()).collect());
+        return Ok((0..sets).map(|_| Region::empty()).collect());
     }
     let slab = Arc::new(map(total)?);
-    Ok((0..count)
-        .map(|i| Region {
-            // SAFETY: i * each + each <= total <= slab.len, so the offset
-            // stays inside the mapping.
-            ptr: unsafe { NonNull::new_unchecked(slab.base.as_ptr().add(i * each)) },
-            len: each,
+    Ok((0..sets)
+        .map(|s| Region {
+            // SAFETY: s * chunk < stride <= total <= slab.len, so the
+            // offset stays inside the mapping; the last slot of this set,
+            // at s * chunk + (ways - 1) * stride, ends by total.
+            ptr: unsafe { NonNull::new_unchecked(slab.base.as_ptr().add(s * chunk)) },
+            chunk,
+            stride,
+            ways,
             _slab: Some(slab.clone()),
         })
         .collect())
@@ -231,19 +247,27 @@ mod tests {
 
     #[test]
     fn a_large_tier_is_one_aligned_mapping_advised_for_huge_pages() {
-        // 5 sets of 512 KiB: 2.5 MiB, rounded up to two huge pages.
-        let mut rs = regions(512 << 10, 5).unwrap();
-        let base = rs[0].as_ptr() as usize;
+        // 5 sets of 8 ways of 64 KiB: 2.5 MiB, rounded up to two huge pages.
+        let (chunk, ways, sets) = (64 << 10, 8, 5);
+        let mut rs = regions(chunk, ways, sets).unwrap();
+        let base = rs[0].way(0).as_ptr() as usize;
         assert_eq!(base % HUGE_PAGE, 0, "aligned to a huge page");
-        for (i, r) in rs.iter().enumerate() {
-            assert_eq!(r.as_ptr() as usize, base + i * (512 << 10), "consecutive");
-            assert_eq!(r.len(), 512 << 10);
-            assert!(r.iter().all(|&b| b == 0), "zeroed");
+        for (s, r) in rs.iter().enumerate() {
+            for w in 0..ways {
+                let at = r.way(w).as_ptr() as usize;
+                assert_eq!(at, base + (w * sets + s) * chunk, "way-major");
+                assert_eq!(r.way(w).len(), chunk);
+                assert!(r.way(w).iter().all(|&b| b == 0), "zeroed");
+            }
         }
-        // Each region is its own: writing one leaves its neighbours alone.
-        rs[2].fill(0xab);
-        assert!(rs[1].iter().all(|&b| b == 0) && rs[3].iter().all(|&b| b == 0));
-        assert!(rs[2].iter().all(|&b| b == 0xab));
+        // Each slot is its own: writing one leaves every other alone.
+        rs[2].way_mut(3).fill(0xab);
+        for (s, r) in rs.iter().enumerate() {
+            for w in 0..ways {
+                let want = if (s, w) == (2, 3) { 0xab } else { 0 };
+                assert!(r.way(w).iter().all(|&b| b == want), "set {s} way {w}");
+            }
+        }
         if std::path::Path::new("/sys/kernel/mm/transparent_hugepage").exists() {
             // `hg` is MADV_HUGEPAGE in the kernel's VmFlags.
             let flags = vm_flags(base).expect("our mapping is in smaps");
@@ -252,19 +276,28 @@ mod tests {
         // The mapping outlives dropping all but one region.
         let last = rs.pop().unwrap();
         drop(rs);
-        assert_eq!(last[0], 0);
+        assert_eq!(last.way(ways - 1)[chunk - 1], 0);
+    }
+
+    #[test]
+    #[should_panic(expected = "way 2 of 2")]
+    fn a_way_past_the_set_is_refused() {
+        let rs = regions(16, 2, 3).unwrap();
+        let _ = rs[0].way(2);
     }
 
     #[test]
     fn small_and_empty_tiers() {
-        let rs = regions(48, 3).unwrap();
+        let rs = regions(48, 2, 3).unwrap();
         assert_eq!(rs.len(), 3);
-        assert_eq!(rs[1].as_ptr() as usize, rs[0].as_ptr() as usize + 48);
+        let base = rs[0].way(0).as_ptr() as usize;
+        assert_eq!(rs[1].way(0).as_ptr() as usize, base + 48);
+        assert_eq!(rs[0].way(1).as_ptr() as usize, base + 3 * 48);
         assert!(rs
             .iter()
-            .all(|r| r.len() == 48 && r.iter().all(|&b| b == 0)));
-        let none = regions(0, 4).unwrap();
-        assert!(none.iter().all(|r| r.is_empty()));
-        assert!(regions(usize::MAX, 2).is_err());
+            .all(|r| (0..2).all(|w| r.way(w).len() == 48 && r.way(w).iter().all(|&b| b == 0))));
+        let none = regions(0, 8, 4).unwrap();
+        assert_eq!(none.len(), 4);
+        assert!(regions(usize::MAX, 2, 2).is_err());
     }
 }

@@ -78,8 +78,8 @@ impl Tier {
         file_path: Option<&Path>,
     ) -> Result<Tier, CacheError> {
         cfg.validate(chunk_size)?;
-        let (storage, set_bytes) = match &cfg.medium {
-            Medium::Memory => (Storage::Memory, cfg.ways * chunk_size),
+        let (storage, slot_bytes) = match &cfg.medium {
+            Medium::Memory => (Storage::Memory, chunk_size),
             Medium::Disk { path } => {
                 let path = file_path.unwrap_or(path);
                 // validate() checked that this product fits in a usize.
@@ -89,7 +89,7 @@ impl Tier {
         };
         // One mapping for the whole tier rather than an allocation per
         // set, so that it can be backed by huge pages (see `slab.rs`).
-        let sets = slab::regions(set_bytes, cfg.groups)?
+        let sets = slab::regions(slot_bytes, cfg.ways, cfg.groups)?
             .into_iter()
             .map(|data| Mutex::new(Set::new(cfg.ways, data)))
             .collect();
@@ -170,8 +170,7 @@ impl Tier {
     ) -> io::Result<()> {
         match &self.storage {
             Storage::Memory => {
-                let start = way * self.chunk_size + off;
-                out.copy_from_slice(&set.data[start..start + out.len()]);
+                out.copy_from_slice(&set.data.way(way)[off..off + out.len()]);
                 Ok(())
             }
             Storage::Disk(f) => f.read_exact_at(out, self.file_offset(set_idx, way, off)),
@@ -190,8 +189,7 @@ impl Tier {
     ) -> io::Result<()> {
         match &self.storage {
             Storage::Memory => {
-                let start = way * self.chunk_size + off;
-                src.apply(&mut set.data[start..start + src.len()]);
+                src.apply(&mut set.data.way_mut(way)[off..off + src.len()]);
                 Ok(())
             }
             Storage::Disk(f) => {
