@@ -4,35 +4,20 @@
 //! slice of a link's whole read buffer.
 
 use bytes::Bytes;
-use canopy_node::{Action, LocalId, LocalOp, LocalReply, Node, NodeConfig, Role};
+use canopy_node::{Action, LocalId, LocalOp, LocalReply, NodeConfig, Role};
 use canopy_proto::{IoOp, Message, Opcode, Perm};
 
 const CHUNK: u32 = 4096;
 
-fn drain(n: &mut Node) -> Vec<Action> {
-    std::iter::from_fn(|| n.poll_action()).collect()
-}
+mod common;
+
+use common::{connected_child, drain_actions as drain};
 
 #[test]
 fn an_arrived_chunk_answers_its_reader_and_is_published_apart() {
     let mut cfg = NodeConfig::new(Role::Child, "vol", 9);
     cfg.publish_reads = true;
-    let mut n = Node::new_child(cfg);
-    n.parent_up(0);
-    let connect = drain(&mut n)
-        .into_iter()
-        .find_map(|a| match a {
-            Action::ToParent(m) if m.header.opcode == Opcode::Connect => Some(m),
-            _ => None,
-        })
-        .expect("CONNECT");
-    let mut ok = Message::new(Opcode::OkReply, connect.header.xid);
-    ok.params.volume_id = Some(5);
-    ok.params.hb_ttl_ms = Some(30_000);
-    ok.params.chunk_size = Some(CHUNK);
-    ok.params.volume_size = Some(16 * u64::from(CHUNK));
-    n.handle_parent(ok, 0);
-    drain(&mut n);
+    let mut n = connected_child(cfg, 30_000, CHUNK, 16 * u64::from(CHUNK));
 
     n.local(LocalId(1), LocalOp::Read { chunk: 3 }, 1);
     let xid = drain(&mut n)

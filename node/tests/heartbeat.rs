@@ -7,9 +7,9 @@ use canopy_proto::{Message, Opcode, Perm};
 
 const HB: u32 = 30_000;
 
-fn drain(n: &mut Node) -> Vec<Action> {
-    std::iter::from_fn(|| n.poll_action()).collect()
-}
+mod common;
+
+use common::{connected_child, drain_actions as drain};
 
 fn reset(actions: &[Action]) -> bool {
     actions.iter().any(|a| matches!(a, Action::ResetParent))
@@ -17,24 +17,7 @@ fn reset(actions: &[Action]) -> bool {
 
 /// A connected child; returns it with the parent's VOLUME_ID.
 fn child() -> Node {
-    let mut n = Node::new_child(NodeConfig::new(Role::Child, "vol", 9));
-    n.parent_up(0);
-    let connect = drain(&mut n)
-        .into_iter()
-        .find_map(|a| match a {
-            Action::ToParent(m) if m.header.opcode == Opcode::Connect => Some(m),
-            _ => None,
-        })
-        .expect("CONNECT");
-    let mut ok = Message::new(Opcode::OkReply, connect.header.xid);
-    ok.params.volume_id = Some(5);
-    ok.params.hb_ttl_ms = Some(HB);
-    ok.params.chunk_size = Some(4096);
-    ok.params.volume_size = Some(1 << 20);
-    n.handle_parent(ok, 0);
-    assert!(n.is_ready());
-    drain(&mut n);
-    n
+    connected_child(NodeConfig::new(Role::Child, "vol", 9), HB, 4096, 1 << 20)
 }
 
 /// An INVALIDATE of a chunk the child does not hold: any message will do.

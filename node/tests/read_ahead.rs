@@ -10,32 +10,15 @@ use canopy_proto::{IoOp, Message, Opcode, Perm};
 
 const CHUNK: u32 = 4096;
 
-fn drain(n: &mut Node) -> Vec<Action> {
-    std::iter::from_fn(|| n.poll_action()).collect()
-}
+mod common;
+
+use common::{connected_child, drain_actions as drain};
 
 /// A connected child reading ahead `window` chunks of a 64-chunk volume.
 fn child(window: u64) -> Node {
     let mut cfg = NodeConfig::new(Role::Child, "vol", 9);
     cfg.read_ahead_bytes = window * u64::from(CHUNK);
-    let mut n = Node::new_child(cfg);
-    n.parent_up(0);
-    let connect = drain(&mut n)
-        .into_iter()
-        .find_map(|a| match a {
-            Action::ToParent(m) if m.header.opcode == Opcode::Connect => Some(m),
-            _ => None,
-        })
-        .expect("CONNECT");
-    let mut ok = Message::new(Opcode::OkReply, connect.header.xid);
-    ok.params.volume_id = Some(5);
-    ok.params.hb_ttl_ms = Some(30_000);
-    ok.params.chunk_size = Some(CHUNK);
-    ok.params.volume_size = Some(64 * u64::from(CHUNK));
-    n.handle_parent(ok, 0);
-    assert!(n.is_ready());
-    drain(&mut n);
-    n
+    connected_child(cfg, 30_000, CHUNK, 64 * u64::from(CHUNK))
 }
 
 /// The GETs among `actions`: (xid, chunk).

@@ -514,6 +514,16 @@ mod tests {
         }
     }
 
+    /// A reply granting READ on `chunk` at `version` for a minute.
+    fn read_grant(chunk: u64, version: u64) -> Message {
+        let mut g = Message::new(Opcode::OkReply, 3);
+        g.params.block_num = Some(chunk);
+        g.params.version = Some(version);
+        g.params.permissions = Some(Perm::Read);
+        g.params.ttl_ms = Some(60_000);
+        g
+    }
+
     /// The VERIFIER field with one bit flipped (`at` 0 is in the nonce,
     /// the last byte in the signature).
     fn flip_verifier(m: &Message, at: usize) -> Message {
@@ -555,11 +565,7 @@ mod tests {
         let k = keys();
         let trusted = LinkKeys::trusted(k.clone());
         let relay = LinkKeys::relay(Arc::new(k.verifier().clone()));
-        let mut g = Message::new(Opcode::OkReply, 3);
-        g.params.block_num = Some(4);
-        g.params.version = Some(9);
-        g.params.permissions = Some(Perm::Read);
-        g.params.ttl_ms = Some(60_000);
+        let mut g = read_grant(4, 9);
         trusted.grant_down(&mut g, &LinkCookies::default());
         let bytes = g.params.grant.clone().unwrap();
         assert_eq!(bytes.len(), canopy_keys::GRANT_LEN);
@@ -631,11 +637,7 @@ mod tests {
             "a relay refuses it"
         );
 
-        let mut g = Message::new(Opcode::OkReply, 3);
-        g.params.block_num = Some(6);
-        g.params.version = Some(2);
-        g.params.permissions = Some(Perm::Read);
-        g.params.ttl_ms = Some(60_000);
+        let g = read_grant(6, 2);
         let mut to_child = g.clone();
         parent.grant_down(&mut to_child, &down);
         let bytes = to_child.params.grant.clone().unwrap();

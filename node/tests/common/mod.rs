@@ -380,3 +380,32 @@ impl Tree {
         }
     }
 }
+
+/// Every action `n` has queued, in order.
+pub fn drain_actions(n: &mut Node) -> Vec<Action> {
+    std::iter::from_fn(|| n.poll_action()).collect()
+}
+
+/// A child made with `cfg`, connected: it sent CONNECT and its parent
+/// answered with VOLUME_ID 5, `hb_ttl_ms`, `chunk_size` and `volume_size`.
+/// Its actions so far are drained.
+pub fn connected_child(cfg: NodeConfig, hb_ttl_ms: u32, chunk_size: u32, volume_size: u64) -> Node {
+    let mut n = Node::new_child(cfg);
+    n.parent_up(0);
+    let connect = drain_actions(&mut n)
+        .into_iter()
+        .find_map(|a| match a {
+            Action::ToParent(m) if m.header.opcode == Opcode::Connect => Some(m),
+            _ => None,
+        })
+        .expect("CONNECT");
+    let mut ok = Message::new(Opcode::OkReply, connect.header.xid);
+    ok.params.volume_id = Some(5);
+    ok.params.hb_ttl_ms = Some(hb_ttl_ms);
+    ok.params.chunk_size = Some(chunk_size);
+    ok.params.volume_size = Some(volume_size);
+    n.handle_parent(ok, 0);
+    assert!(n.is_ready());
+    drain_actions(&mut n);
+    n
+}
