@@ -45,3 +45,31 @@ pub trait Backing: Send + Sync + 'static {
         self.write_chunk(chunk, scratch)
     }
 }
+
+/// A backing shared behind an `Arc` is a backing: the root's node holds
+/// its origin this way while its driver reads the same store by itself.
+/// Every method forwards, `write_range` too, so a store that writes
+/// ranges in place keeps doing so.
+impl<B: Backing + ?Sized> Backing for std::sync::Arc<B> {
+    fn read_chunk(&self, chunk: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        (**self).read_chunk(chunk, buf)
+    }
+    fn write_chunk(&self, chunk: u64, data: &[u8]) -> std::io::Result<()> {
+        (**self).write_chunk(chunk, data)
+    }
+    fn sync(&self) -> std::io::Result<()> {
+        (**self).sync()
+    }
+    fn zero_chunk(&self, chunk: u64) -> std::io::Result<()> {
+        (**self).zero_chunk(chunk)
+    }
+    fn write_range(
+        &self,
+        chunk: u64,
+        offset: usize,
+        data: &[u8],
+        scratch: &mut [u8],
+    ) -> std::io::Result<()> {
+        (**self).write_range(chunk, offset, data, scratch)
+    }
+}

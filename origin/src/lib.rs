@@ -14,5 +14,4 @@ pub mod store;
 
 pub use store::{
     check_chunk_size, check_volume_size, DirectChunk, OriginError, OriginStats, OriginStore,
-    SharedOrigin,
 };

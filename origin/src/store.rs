@@ -88,35 +88,6 @@ pub struct DirectChunk {
     pub align: usize,
 }
 
-/// An [`OriginStore`] shared between a node, which holds it as its
-/// [`Backing`], and a driver that also reads it by itself
-/// ([`OriginStore::direct_chunk`]).
-pub struct SharedOrigin(pub std::sync::Arc<OriginStore>);
-
-impl Backing for SharedOrigin {
-    fn read_chunk(&self, chunk: u64, buf: &mut [u8]) -> io::Result<()> {
-        self.0.read_chunk(chunk, buf)
-    }
-    fn write_chunk(&self, chunk: u64, data: &[u8]) -> io::Result<()> {
-        self.0.write_chunk(chunk, data)
-    }
-    fn sync(&self) -> io::Result<()> {
-        Backing::sync(self.0.as_ref())
-    }
-    fn zero_chunk(&self, chunk: u64) -> io::Result<()> {
-        self.0.zero_chunk(chunk)
-    }
-    fn write_range(
-        &self,
-        chunk: u64,
-        offset: usize,
-        data: &[u8],
-        scratch: &mut [u8],
-    ) -> io::Result<()> {
-        self.0.write_range(chunk, offset, data, scratch)
-    }
-}
-
 /// The authoritative store of a standalone volume.
 pub struct OriginStore {
     path: PathBuf,

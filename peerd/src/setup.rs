@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use canopy_node::Node;
-use canopy_origin::{OriginError, OriginStore, SharedOrigin};
+use canopy_origin::{OriginError, OriginStore};
 use tokio::net::TcpListener;
 
 use crate::config::{PeerConfig, PeerRole};
@@ -185,7 +185,7 @@ fn build_node_sharing(
             let size = store.size();
             let chunk32 = u32::try_from(chunk).unwrap_or(u32::MAX);
             shared = Some(store.clone());
-            let origin = Box::new(SharedOrigin(store));
+            let origin = Box::new(store);
             let mut node = Node::new_root(ncfg, Some(origin), chunk32, size);
             node.set_version_base(version_base());
             node
