@@ -93,6 +93,8 @@ fn relay_config(name: &str, parent: &str, chunks: u64, verify: &Path) -> PeerCon
     c.listen = Some("127.0.0.1:0".into());
     c.parent = Some(parent.to_string());
     c.cache_chunks = Some(chunks as usize + 16);
+    // As the leaves (`b2::leaf_config`).
+    c.cache_prefault = Some(true);
     c.verify_key = Some(verify.to_path_buf());
     c
 }
@@ -354,6 +356,7 @@ pub fn table(rounds: &[Round], size: Size) -> Table {
         "targets: root sends ≤ 2.2× the volume; wall time ≤ nbdkit's (median of per-round ratios)",
     );
     t.note("nbdkit: one server, 8 fio jobs (one NBD connection each), each reading the whole volume; page cache dropped before every run");
+    t.note(crate::b2::PREFAULT_NOTE);
     t
 }
 

@@ -46,6 +46,7 @@ fn cold_stack() -> CacheStack<NullBacking> {
             }],
             victim_capacity: 64,
             admission: false,
+            prefault: false,
         },
         Arc::new(NullBacking),
     )

@@ -50,6 +50,7 @@ fn top_tier_hits(c: &mut Criterion) {
             ],
             victim_capacity: 64,
             admission: false,
+            prefault: false,
         },
         Arc::new(NullBacking),
     )
@@ -107,6 +108,7 @@ fn lower_tier_promotion(c: &mut Criterion) {
             ],
             victim_capacity: 64,
             admission: false,
+            prefault: false,
         },
         Arc::new(NullBacking),
     )

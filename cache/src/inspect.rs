@@ -36,6 +36,7 @@ impl<B: Backing> CacheStack<B> {
             tiers: layout.tiers.iter().map(|t| t.cfg.clone()).collect(),
             victim_capacity: self.victim_capacity,
             admission: self.admission,
+            prefault: self.prefault,
         }
     }
 

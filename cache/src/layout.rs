@@ -92,6 +92,7 @@ pub fn stack_layout(
         // Opt-in: the embedded volume turns it on (canopy-ublk's
         // `cache_layout`); a tree node's detached stack must not refuse.
         admission: false,
+        prefault: false,
     })
 }
 

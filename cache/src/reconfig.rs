@@ -87,7 +87,7 @@ impl<B: Backing> CacheStack<B> {
                     }
                     tier.validate(self.chunk_size)?;
                     check_unique_paths(tiers.iter().map(|t| &t.cfg).chain([&tier]))?;
-                    let t = Tier::build(&tier, self.chunk_size, None)?;
+                    let t = Tier::build(&tier, self.chunk_size, None, self.prefault)?;
                     tiers.insert(index, t);
                 }
                 Reconfig::RemoveTier { index } => {
@@ -149,7 +149,7 @@ impl<B: Backing> CacheStack<B> {
     ) -> Result<(), CacheError> {
         cfg.validate(self.chunk_size)?;
         let mut new = match &cfg.medium {
-            Medium::Memory => Tier::build(&cfg, self.chunk_size, None)?,
+            Medium::Memory => Tier::build(&cfg, self.chunk_size, None, self.prefault)?,
             Medium::Disk { path } => {
                 if tiers[index].disk_is_block_device() {
                     // The new layout would overwrite slots the old one still
@@ -162,7 +162,7 @@ impl<B: Backing> CacheStack<B> {
                 // Build beside the old file, then take over its name: the
                 // old tier keeps reading through its open descriptor.
                 let tmp = rebuild_path(path);
-                let mut t = Tier::build(&cfg, self.chunk_size, Some(&tmp))?;
+                let mut t = Tier::build(&cfg, self.chunk_size, Some(&tmp), self.prefault)?;
                 if let Some(f) = t.disk_mut() {
                     // On failure `t` drops and removes the temporary file.
                     f.rename_to(path)?;

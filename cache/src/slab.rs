@@ -17,10 +17,20 @@
 //! out of it. Where THP is off the advice is refused or ignored and the
 //! tier behaves as before.
 //!
-//! Pre-faulting (`MAP_POPULATE`) was the alternative, and is not used: it
-//! makes starting a daemon cost a full pass over a tier that may be many
-//! GiB, most of which a short-lived or lightly used node never touches.
-//! The memory is still only committed as chunks arrive.
+//! # Committing the memory up front
+//!
+//! By default the memory is only committed as chunks arrive: populating a
+//! tier that may be many GiB makes starting a daemon cost a full pass over
+//! it, most of which a short-lived or lightly used node never touches.
+//! But every first touch then has the kernel zero a page in the middle of
+//! a read, and in a VM (nested paging) that costs about 1.5 s per GiB:
+//! in B4 (eight leaves filling 256 MiB each on two cores) it was a third
+//! of the run's CPU. A host that dedicates the memory to the cache sets
+//! [`CacheConfig::prefault`](crate::CacheConfig::prefault), and the tier
+//! is populated when it is built (`MADV_POPULATE_WRITE`, split over a few
+//! threads): the zeroing happens once, before any read waits for it, and
+//! a tier too big for the host fails there, with an error, rather than
+//! waking the OOM killer later.
 
 use std::io;
 use std::ptr::NonNull;
@@ -125,15 +135,26 @@ impl Region {
 /// an eighth of its memory, where a set-major layout (each set's ways
 /// together) would have touched every huge page. A mapping of 2 MiB or
 /// more is aligned to [`HUGE_PAGE`], rounded up to a whole huge page, and
-/// advised `MADV_HUGEPAGE`.
-pub(crate) fn regions(chunk: usize, ways: usize, sets: usize) -> io::Result<Vec<Region>> {
+/// advised `MADV_HUGEPAGE`. `prefault`: commit all of it now (see the
+/// module docs).
+pub(crate) fn regions(
+    chunk: usize,
+    ways: usize,
+    sets: usize,
+    prefault: bool,
+) -> io::Result<Vec<Region>> {
     let too_big = || io::Error::from(io::ErrorKind::OutOfMemory);
     let stride = chunk.checked_mul(sets).ok_or_else(too_big)?;
     let total = stride.checked_mul(ways).ok_or_else(too_big)?;
     if total == 0 {
         return Ok((0..sets).map(|_| Region::empty()).collect());
     }
-    let slab = Arc::new(map(total)?);
+    let slab = map(total)?;
+    if prefault {
+        // On failure `slab` drops and unmaps what was committed.
+        populate(&slab)?;
+    }
+    let slab = Arc::new(slab);
     Ok((0..sets)
         .map(|s| Region {
             // SAFETY: s * chunk < stride <= total <= slab.len, so the
@@ -211,6 +232,80 @@ fn map(len: usize) -> io::Result<Slab> {
     })
 }
 
+/// The most threads [`populate`] zeroes pages on: the kernel's zeroing
+/// scales with cores, and a few are enough to make a many-GiB tier take
+/// seconds rather than tens of them.
+const POPULATE_THREADS: usize = 8;
+
+/// Commit every page of `slab`, which nothing else refers to yet.
+///
+/// `MADV_POPULATE_WRITE` (Linux 5.14) faults the pages in writable without
+/// writing them, in pieces on up to [`POPULATE_THREADS`] threads. Where the
+/// kernel lacks it (EINVAL), each page is written once instead, which is
+/// sound only because no [`Region`] points into the slab yet. Any other
+/// error (ENOMEM: the host cannot give the memory) is returned.
+fn populate(slab: &Slab) -> io::Result<()> {
+    let threads = std::thread::available_parallelism()
+        .map_or(1, usize::from)
+        .clamp(1, POPULATE_THREADS);
+    // Pieces of whole huge pages (a slab of a huge page or more is a
+    // whole number of them), else the whole slab as one piece.
+    let unit = if slab.len >= HUGE_PAGE {
+        HUGE_PAGE
+    } else {
+        slab.len
+    };
+    let per = slab.len.div_ceil(unit).div_ceil(threads) * unit;
+    let base = slab.base.as_ptr() as usize;
+    let results: Vec<io::Result<()>> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..slab.len)
+            .step_by(per)
+            .map(|off| {
+                let len = per.min(slab.len - off);
+                s.spawn(move || populate_range(base + off, len))
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| {
+                w.join()
+                    .unwrap_or_else(|_| Err(io::Error::other("populating thread panicked")))
+            })
+            .collect()
+    });
+    results.into_iter().collect()
+}
+
+/// Commit `len` bytes at `addr`, a piece of a slab no Region refers to.
+fn populate_range(addr: usize, len: usize) -> io::Result<()> {
+    // SAFETY: the range lies inside a live mapping of ours (the caller
+    // borrows the slab for the whole scope); POPULATE_WRITE only faults
+    // pages in, as a write would, without changing their contents.
+    let r = unsafe { libc::madvise(addr as *mut libc::c_void, len, libc::MADV_POPULATE_WRITE) };
+    if r == 0 {
+        return Ok(());
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() != Some(libc::EINVAL) {
+        return Err(e);
+    }
+    // A kernel older than 5.14.
+    touch_range(addr, len);
+    Ok(())
+}
+
+/// Write a zero into every page of `addr..addr + len`, as a first touch
+/// by the tier would; for a range of a fresh mapping that nothing else
+/// reads or writes yet.
+fn touch_range(addr: usize, len: usize) {
+    for off in (0..len).step_by(page_size()) {
+        // SAFETY: inside a live, private range of the caller's (each
+        // populating thread has its own piece, and no Region exists yet);
+        // the page is zero already, so its contents do not change.
+        unsafe { std::ptr::write_volatile((addr + off) as *mut u8, 0) };
+    }
+}
+
 fn page_size() -> usize {
     // SAFETY: sysconf has no preconditions.
     let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
@@ -221,8 +316,9 @@ fn page_size() -> usize {
 mod tests {
     use super::*;
 
-    /// The `VmFlags` of the mapping holding `addr`, from /proc/self/smaps.
-    fn vm_flags(addr: usize) -> Option<String> {
+    /// The field `name` (`VmFlags:`, `Rss:`) of the mapping holding
+    /// `addr`, from /proc/self/smaps.
+    fn smaps_field(addr: usize, name: &str) -> Option<String> {
         let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
         let mut inside = false;
         for line in smaps.lines() {
@@ -237,19 +333,32 @@ mod tests {
                 }
             }
             if inside {
-                if let Some(flags) = line.strip_prefix("VmFlags:") {
-                    return Some(flags.trim().to_string());
+                if let Some(v) = line.strip_prefix(name) {
+                    return Some(v.trim().to_string());
                 }
             }
         }
         None
     }
 
+    /// Resident bytes of `addr..addr + len` (page-aligned), by mincore:
+    /// exact to the range, where a mapping's Rss in smaps would count a
+    /// neighbour the kernel merged it with.
+    fn resident(addr: usize, len: usize) -> usize {
+        let page = page_size();
+        let mut vec = vec![0u8; len.div_ceil(page)];
+        // SAFETY: the range is one of the test's live mappings, and `vec`
+        // has a byte for each of its pages.
+        let r = unsafe { libc::mincore(addr as *mut libc::c_void, len, vec.as_mut_ptr()) };
+        assert_eq!(r, 0, "mincore: {}", io::Error::last_os_error());
+        vec.iter().filter(|&&b| b & 1 == 1).count() * page
+    }
+
     #[test]
     fn a_large_tier_is_one_aligned_mapping_advised_for_huge_pages() {
         // 5 sets of 8 ways of 64 KiB: 2.5 MiB, rounded up to two huge pages.
         let (chunk, ways, sets) = (64 << 10, 8, 5);
-        let mut rs = regions(chunk, ways, sets).unwrap();
+        let mut rs = regions(chunk, ways, sets, false).unwrap();
         let base = rs[0].way(0).as_ptr() as usize;
         assert_eq!(base % HUGE_PAGE, 0, "aligned to a huge page");
         for (s, r) in rs.iter().enumerate() {
@@ -270,7 +379,7 @@ mod tests {
         }
         if std::path::Path::new("/sys/kernel/mm/transparent_hugepage").exists() {
             // `hg` is MADV_HUGEPAGE in the kernel's VmFlags.
-            let flags = vm_flags(base).expect("our mapping is in smaps");
+            let flags = smaps_field(base, "VmFlags:").expect("our mapping is in smaps");
             assert!(flags.split(' ').any(|f| f == "hg"), "VmFlags: {flags}");
         }
         // The mapping outlives dropping all but one region.
@@ -282,13 +391,13 @@ mod tests {
     #[test]
     #[should_panic(expected = "way 2 of 2")]
     fn a_way_past_the_set_is_refused() {
-        let rs = regions(16, 2, 3).unwrap();
+        let rs = regions(16, 2, 3, false).unwrap();
         let _ = rs[0].way(2);
     }
 
     #[test]
     fn small_and_empty_tiers() {
-        let rs = regions(48, 2, 3).unwrap();
+        let rs = regions(48, 2, 3, false).unwrap();
         assert_eq!(rs.len(), 3);
         let base = rs[0].way(0).as_ptr() as usize;
         assert_eq!(rs[1].way(0).as_ptr() as usize, base + 48);
@@ -296,8 +405,47 @@ mod tests {
         assert!(rs
             .iter()
             .all(|r| (0..2).all(|w| r.way(w).len() == 48 && r.way(w).iter().all(|&b| b == 0))));
-        let none = regions(0, 8, 4).unwrap();
+        let none = regions(0, 8, 4, true).unwrap();
         assert_eq!(none.len(), 4);
-        assert!(regions(usize::MAX, 2, 2).is_err());
+        assert!(regions(usize::MAX, 2, 2, false).is_err());
+    }
+
+    #[test]
+    fn a_prefaulted_tier_is_resident_and_zeroed_before_first_use() {
+        // 4 sets of 8 ways of 64 KiB: exactly one huge page.
+        let (chunk, ways, sets) = (64 << 10, 8, 4);
+        let lazy = regions(chunk, ways, sets, false).unwrap();
+        let lazy_base = lazy[0].way(0).as_ptr() as usize;
+        assert_eq!(
+            resident(lazy_base, HUGE_PAGE),
+            0,
+            "nothing committed until touched"
+        );
+        let rs = regions(chunk, ways, sets, true).unwrap();
+        let base = rs[0].way(0).as_ptr() as usize;
+        assert_eq!(resident(base, HUGE_PAGE), HUGE_PAGE, "all committed");
+        assert!(rs
+            .iter()
+            .all(|r| (0..ways).all(|w| r.way(w).iter().all(|&b| b == 0))));
+        // A tier smaller than a page is committed too.
+        let small = regions(48, 2, 3, true).unwrap();
+        let at = small[0].way(0).as_ptr() as usize;
+        assert_eq!(resident(at, page_size()), page_size());
+    }
+
+    #[test]
+    fn populating_in_pieces_covers_every_page() {
+        // Nine huge pages: more than the threads, and not a multiple of
+        // them, so the last piece is short.
+        let slab = map(9 * HUGE_PAGE).unwrap();
+        let base = slab.base.as_ptr() as usize;
+        populate(&slab).unwrap();
+        assert_eq!(resident(base, slab.len), slab.len);
+        // The fallback for kernels before 5.14 commits every page too.
+        let old = map(3 * HUGE_PAGE + 4096).unwrap();
+        let obase = old.base.as_ptr() as usize;
+        assert_eq!(resident(obase, old.len), 0);
+        touch_range(obase, old.len);
+        assert_eq!(resident(obase, old.len), old.len);
     }
 }

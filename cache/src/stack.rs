@@ -78,6 +78,9 @@ pub struct CacheStack<B: Backing> {
     /// The top tier's admission filter is on ([`CacheConfig::admission`];
     /// never for a detached stack).
     pub(crate) admission: bool,
+    /// Memory tiers, including ones added later, are committed when built
+    /// ([`CacheConfig::prefault`]).
+    pub(crate) prefault: bool,
 }
 
 /// One access, carried into the slow path.
@@ -252,7 +255,7 @@ impl<B: Backing> CacheStack<B> {
         let tiers = config
             .tiers
             .iter()
-            .map(|t| Tier::build(t, cs, None))
+            .map(|t| Tier::build(t, cs, None, config.prefault))
             .collect::<Result<Vec<_>, _>>()?;
         Ok(CacheStack {
             chunk_size: cs,
@@ -272,6 +275,7 @@ impl<B: Backing> CacheStack<B> {
             victim_errors: AtomicU64::new(0),
             owner_drains: false,
             admission: config.admission,
+            prefault: config.prefault,
         })
     }
 

@@ -76,6 +76,7 @@ impl Tier {
         cfg: &TierConfig,
         chunk_size: usize,
         file_path: Option<&Path>,
+        prefault: bool,
     ) -> Result<Tier, CacheError> {
         cfg.validate(chunk_size)?;
         let (storage, slot_bytes) = match &cfg.medium {
@@ -89,7 +90,7 @@ impl Tier {
         };
         // One mapping for the whole tier rather than an allocation per
         // set, so that it can be backed by huge pages (see `slab.rs`).
-        let sets = slab::regions(slot_bytes, cfg.ways, cfg.groups)?
+        let sets = slab::regions(slot_bytes, cfg.ways, cfg.groups, prefault)?
             .into_iter()
             .map(|data| Mutex::new(Set::new(cfg.ways, data)))
             .collect();

@@ -24,6 +24,7 @@ fn stack(ways: usize, admission: bool) -> (CacheStack<MemBacking>, Arc<MemBackin
         }],
         victim_capacity: 1,
         admission,
+        prefault: false,
     };
     (CacheStack::new(cfg, Arc::clone(&backing)).unwrap(), backing)
 }
@@ -177,6 +178,7 @@ fn a_detached_stack_never_refuses() {
         }],
         victim_capacity: 1,
         admission: true,
+        prefault: false,
     };
     let c = CacheStack::detached(cfg).unwrap();
     assert!(!c.config().admission);

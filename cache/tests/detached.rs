@@ -30,6 +30,7 @@ fn config(dir: Option<&std::path::Path>) -> CacheConfig {
         victim_capacity: 2,
         // Ignored by a detached stack, which must never refuse.
         admission: true,
+        prefault: false,
     }
 }
 

@@ -331,6 +331,8 @@ proptest! {
         tiers in prop::collection::vec(tier_spec(), 1..=3),
         capacity in 0usize..4,
         admission in any::<bool>(),
+        // Committing the memory up front must change nothing observable.
+        prefault in any::<bool>(),
         ops in prop::collection::vec(op(), 1..200),
     ) {
         let dir = DIR.with(|d| d.path().to_path_buf());
@@ -339,6 +341,7 @@ proptest! {
             tiers: tiers.iter().map(|t| tier_config(&dir, t)).collect(),
             victim_capacity: capacity,
             admission,
+            prefault,
         };
         let backing = Arc::new(MemBacking::new(CS));
         let cache = CacheStack::new(config, Arc::clone(&backing)).map_err(fail)?;

@@ -88,6 +88,7 @@ fn top_tier_hits_do_not_allocate() {
                 victim_capacity: 8,
                 // The filter's counting is on the hit path too.
                 admission: true,
+                prefault: false,
             },
             Arc::new(Zeros),
         )

@@ -33,6 +33,7 @@ fn stack(
         tiers,
         victim_capacity,
         admission: false,
+        prefault: false,
     };
     (CacheStack::new(cfg, Arc::clone(&backing)).unwrap(), backing)
 }
@@ -412,6 +413,7 @@ fn invalid_configs_are_rejected() {
                 tiers,
                 victim_capacity: 4,
                 admission: false,
+                prefault: false,
             },
             Arc::clone(&backing),
         )

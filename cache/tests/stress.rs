@@ -146,6 +146,7 @@ fn concurrent_io_with_reconfiguration_and_cleaner() {
         victim_capacity: 4,
         // Refusals race the cleaner and reconfiguration too.
         admission: true,
+        prefault: false,
     };
     let cache = Arc::new(CacheStack::new(config, Arc::clone(&backing)).unwrap());
     let cleaner = cache.spawn_cleaner(Duration::from_millis(1));
@@ -273,6 +274,7 @@ fn shared_chunks_never_tear() {
         ],
         victim_capacity: 1,
         admission: true,
+        prefault: false,
     };
     let cache = Arc::new(CacheStack::new(config, Arc::clone(&backing)).unwrap());
     let cleaner = cache.spawn_cleaner(Duration::from_millis(1));

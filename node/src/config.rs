@@ -78,6 +78,10 @@ pub struct NodeConfig {
     /// bytes each, in order. The files are created when the node learns
     /// the chunk size and removed when it stops.
     pub cache_disk: Vec<(std::path::PathBuf, u64)>,
+    /// Commit the memory tier's RAM when the stack is built, on the first
+    /// CONNECT ([`canopy_cache::CacheConfig::prefault`]): for a host that
+    /// dedicates the memory to this node. Off by default.
+    pub cache_prefault: bool,
     /// How this node's own local writes are acknowledged.
     pub write_mode: WriteMode,
     /// Send CONNECT only when a child or local request needs the volume
@@ -126,6 +130,7 @@ impl NodeConfig {
             capacity_chunks: 4096,
             capacity_bytes: None,
             cache_disk: Vec::new(),
+            cache_prefault: false,
             write_mode: WriteMode::Sync,
             connect_lazily: false,
             publish_reads: false,

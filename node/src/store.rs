@@ -62,13 +62,15 @@ impl Store {
     /// chunk size is kept.
     ///
     /// `overhead`: a relay's records are that many bytes longer than a
-    /// chunk (0 on a trusted node).
+    /// chunk (0 on a trusted node). `prefault`: commit the memory tier now
+    /// ([`canopy_cache::CacheConfig::prefault`]).
     pub(crate) fn build(
         &mut self,
         chunk_size: u32,
         mem_bytes: u64,
         disks: &[(PathBuf, u64)],
         overhead: usize,
+        prefault: bool,
     ) -> Result<(), CacheError> {
         self.overhead = overhead;
         if let Some(s) = &self.stack {
@@ -81,8 +83,9 @@ impl Store {
         self.tails.clear();
         self.last = None;
         let cs = chunk_size as usize;
-        let config = stack_layout(cs, mem_bytes, disks, 1)
+        let mut config = stack_layout(cs, mem_bytes, disks, 1)
             .map_err(|e| CacheError::InvalidConfig(e.to_string()))?;
+        config.prefault = prefault;
         self.stack = Some(CacheStack::detached(config)?);
         Ok(())
     }
@@ -281,12 +284,13 @@ impl crate::Node {
         let mem = (self.cfg.capacity_chunks as u64).saturating_mul(u64::from(cs));
         let disks = self.cfg.cache_disk.clone();
         let overhead = self.cfg.relay.unwrap_or(0);
-        if let Err(e) = self.store.build(cs, mem, &disks, overhead) {
+        let prefault = self.cfg.cache_prefault;
+        if let Err(e) = self.store.build(cs, mem, &disks, overhead, prefault) {
             tracing::error!(error = %e, "cannot build the cache stack as configured");
             if disks.is_empty() {
                 return;
             }
-            if let Err(e) = self.store.build(cs, mem, &[], overhead) {
+            if let Err(e) = self.store.build(cs, mem, &[], overhead, prefault) {
                 tracing::error!(error = %e, "cannot build a memory-only cache stack either");
             } else {
                 tracing::error!("serving with the memory tier only");
@@ -308,7 +312,7 @@ mod tests {
 
     fn store() -> Store {
         let mut s = Store::default();
-        s.build(CS as u32, 16 * CS as u64, &[], 0).unwrap();
+        s.build(CS as u32, 16 * CS as u64, &[], 0, false).unwrap();
         s
     }
 
@@ -348,7 +352,8 @@ mod tests {
         assert_eq!(s.take(9).unwrap(), chunk(4));
         assert!(s.get(9, false).is_none());
         s.put(10, chunk(5));
-        s.build(2 * CS as u32, 16 * CS as u64, &[], 0).unwrap();
+        s.build(2 * CS as u32, 16 * CS as u64, &[], 0, true)
+            .unwrap();
         assert!(s.get(10, false).is_none());
     }
 }

@@ -289,6 +289,13 @@ pub struct PeerConfig {
     /// `["/var/cache/canopy/v.cache:10G"]`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub cache_disk: Vec<DiskTier>,
+    /// Commit the memory tier's RAM when the node first connects, instead
+    /// of page by page as chunks arrive (proxy, leaf, relay); default
+    /// false. For a host that dedicates the memory: reads never wait for
+    /// the kernel to zero a page, and a tier the host cannot hold is an
+    /// error at start rather than the OOM killer later.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_prefault: Option<bool>,
     /// How this node's writes are acknowledged (proxy, leaf); default sync.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub write_mode: Option<WriteModeSetting>,
@@ -408,6 +415,7 @@ impl PeerConfig {
             cache_mem: None,
             read_ahead: None,
             cache_disk: Vec::new(),
+            cache_prefault: None,
             write_mode: None,
             hb_ttl: None,
             grant_ttl: None,
@@ -481,6 +489,7 @@ impl PeerConfig {
                 present("cache_mem", self.cache_mem.is_some())?;
                 present("read_ahead", self.read_ahead.is_some())?;
                 present("cache_disk", !self.cache_disk.is_empty())?;
+                present("cache_prefault", self.cache_prefault.is_some())?;
                 present("write_mode", self.write_mode.is_some())?;
                 present("sync_interval", self.sync_interval.is_some())?;
                 present("verify_key", self.verify_key.is_some())?;
@@ -631,6 +640,7 @@ impl PeerConfig {
             .iter()
             .map(|t| (t.path.clone(), t.size.0))
             .collect();
+        c.cache_prefault = self.cache_prefault.unwrap_or(false);
         c.write_mode = self.write_mode().to_node();
         if self.role == PeerRole::Relay {
             // Writes are answered once the parent has them: a relay
@@ -695,6 +705,17 @@ mod tests {
         let root = "role = \"root\"\nvolume = \"v\"\nlisten = \"127.0.0.1:1\"\norigin = \"/tmp/x\"\nread_ahead = \"1M\"\n";
         let e = parse(root).and_then(|c| c.validate("test")).unwrap_err();
         assert!(e.to_string().contains("read_ahead"), "{e}");
+    }
+
+    #[test]
+    fn prefault_is_off_by_default_and_no_roots_business() {
+        let leaf = "role = \"leaf\"\nvolume = \"v\"\nparent = \"x:1\"\n";
+        assert!(!parse(leaf).unwrap().node_config().cache_prefault);
+        let c = parse(&format!("{leaf}cache_prefault = true\n")).unwrap();
+        assert!(c.node_config().cache_prefault);
+        let root = "role = \"root\"\nvolume = \"v\"\nlisten = \"127.0.0.1:1\"\norigin = \"/tmp/x\"\ncache_prefault = true\n";
+        let e = parse(root).and_then(|c| c.validate("test")).unwrap_err();
+        assert!(e.to_string().contains("cache_prefault"), "{e}");
     }
 
     #[test]

@@ -146,6 +146,12 @@ struct Tiers {
     /// own hash function.
     #[arg(long, value_name = "PATH:SIZE")]
     cache_disk: Vec<DiskTier>,
+    /// Commit the memory tier's RAM when the node first connects rather
+    /// than as chunks arrive: for a host that dedicates the memory. Reads
+    /// then never wait for the kernel to zero a page, and a tier the host
+    /// cannot hold fails at start.
+    #[arg(long)]
+    cache_prefault: bool,
     /// Bytes to read ahead of a local reader whose reads follow one
     /// another (0: off) [default: 2M].
     #[arg(long, value_name = "SIZE")]
@@ -269,6 +275,7 @@ impl Tiers {
         c.cache_chunks = self.cache_chunks;
         c.cache_mem = self.cache_mem;
         c.cache_disk = self.cache_disk;
+        c.cache_prefault = self.cache_prefault.then_some(true);
         c.read_ahead = self.read_ahead;
     }
 }
@@ -501,6 +508,7 @@ mod tests {
             "/var/cache/canopy/a:10G",
             "--cache-disk",
             "/srv/b:c.cache:1M",
+            "--cache-prefault",
             "--name",
             "B",
         ])
@@ -516,12 +524,14 @@ mod tests {
             write_mode = "semi-sync"
             sync_interval = "30s"
             cache_disk = ["/var/cache/canopy/a:10G", "/srv/b:c.cache:1M"]
+            cache_prefault = true
             name = "B"
             "#,
             std::path::Path::new("t.toml"),
         )
         .unwrap();
         assert_eq!(from_cli, from_file);
+        assert!(from_file.node_config().cache_prefault);
         let disks = from_file.node_config().cache_disk;
         assert_eq!(
             disks,

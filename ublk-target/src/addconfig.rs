@@ -43,6 +43,8 @@ struct AddConfig {
     cache_mem: Option<Value>,
     #[serde(default)]
     cache_disk: Vec<String>,
+    #[serde(default)]
+    cache_prefault: bool,
     cache_mode: Option<String>,
     queues: Option<u16>,
     depth: Option<u16>,
@@ -136,9 +138,12 @@ pub fn config_args(path: &Path) -> Result<Vec<String>, ConfigError> {
     if let Some(v) = cfg.export_nbd {
         push("export-nbd", v);
     }
-    // A switch, not a `--flag value` pair.
+    // Switches, not `--flag value` pairs.
     if cfg.no_device {
         args.push("--no-device".to_string());
+    }
+    if cfg.cache_prefault {
+        args.push("--cache-prefault".to_string());
     }
     Ok(args)
 }
@@ -196,8 +201,10 @@ mod tests {
 
     #[test]
     fn nbd_keys_become_flags() {
-        let a = args_of("origin = \"/o\"\nexport_nbd = \"unix:/run/v.sock\"\nno_device = true\n")
-            .unwrap();
+        let a = args_of(
+            "origin = \"/o\"\nexport_nbd = \"unix:/run/v.sock\"\nno_device = true\ncache_prefault = true\n",
+        )
+        .unwrap();
         assert_eq!(
             a,
             [
@@ -205,7 +212,8 @@ mod tests {
                 "/o",
                 "--export-nbd",
                 "unix:/run/v.sock",
-                "--no-device"
+                "--no-device",
+                "--cache-prefault"
             ]
         );
         let a = args_of("origin = \"/o\"\nno_device = false\n").unwrap();

@@ -144,6 +144,12 @@ struct AddArgs {
     /// they stack below the memory tier in the order given.
     #[arg(long, value_name = "PATH:SIZE", value_parser = parse_disk_tier)]
     cache_disk: Vec<(PathBuf, ByteSize)>,
+    /// Commit the memory tier's RAM at start rather than as chunks arrive:
+    /// for a host that dedicates the memory. Reads then never wait for the
+    /// kernel to zero a page, and a tier the host cannot hold fails at
+    /// start instead of waking the OOM killer later.
+    #[arg(long)]
+    cache_prefault: bool,
     /// When writes are acknowledged.
     #[arg(long, value_enum, default_value_t = CacheMode::Writethrough)]
     cache_mode: CacheMode,
@@ -390,7 +396,8 @@ fn add(a: AddArgs) -> Result<()> {
     // Validate everything a user can get wrong before asking the kernel for
     // a device, so a typo never leaves a half-made /dev/ublkbN behind.
     let disks: Vec<(PathBuf, u64)> = a.cache_disk.iter().map(|(p, s)| (p.clone(), s.0)).collect();
-    let cache = cache_layout(chunk_size, a.cache_mem.0, &disks)?;
+    let mut cache = cache_layout(chunk_size, a.cache_mem.0, &disks)?;
+    cache.prefault = a.cache_prefault;
     match a.size {
         Some(size) => check_volume_size(size.0)?,
         None if !origin.exists() => return Err(OriginError::Missing(origin.clone()).into()),
@@ -435,6 +442,7 @@ fn add_leaf(a: AddArgs, parent: String) -> Result<()> {
     peer.listen = a.listen.clone();
     peer.write_mode = Some(a.write_mode);
     peer.cache_mem = Some(Size(a.cache_mem.0));
+    peer.cache_prefault = a.cache_prefault.then_some(true);
     // The same stacked cache as the embedded volume, detached from any
     // origin: what falls out goes back to the parent.
     peer.cache_disk = a

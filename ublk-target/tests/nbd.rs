@@ -220,14 +220,14 @@ fn nbdcopy_round_trips_and_the_origin_has_the_data() {
         let origin = dir.path().join(format!("vol-{mode}"));
         let sock = format!("unix:{}", dir.path().join(format!("{mode}.sock")).display());
         // A memory tier smaller than the volume, so chunks are evicted (and
-        // in writeback mode written back) while the copy runs.
-        let d = Daemon::start(
-            dir.path(),
-            &origin,
-            Some("24M"),
-            &sock,
-            &["--cache-mode", mode, "--cache-mem", "4M"],
-        );
+        // in writeback mode written back) while the copy runs. The
+        // writeback run commits its tier at start: that must change
+        // nothing a client sees.
+        let mut flags = vec!["--cache-mode", mode, "--cache-mem", "4M"];
+        if mode == "writeback" {
+            flags.push("--cache-prefault");
+        }
+        let d = Daemon::start(dir.path(), &origin, Some("24M"), &sock, &flags);
         // nbdcopy uses several connections (the export allows multi-conn)
         // and many requests in flight on each.
         run(Command::new(&nbdcopy).arg(&input).arg(&d.uri));

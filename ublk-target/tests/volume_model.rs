@@ -35,6 +35,7 @@ fn volume(dir: &tempfile::TempDir, mode: CacheMode) -> Volume {
         victim_capacity: 3,
         // As the daemon builds it (`cache_layout`).
         admission: true,
+        prefault: false,
     };
     Volume::new(
         Arc::new(CacheStack::new(cfg, Arc::new(origin)).expect("cache")),
