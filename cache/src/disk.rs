@@ -200,6 +200,14 @@ impl DiskFile {
         })
     }
 
+    /// Reopens the file read-only, so that every later write to it fails
+    /// (EBADF): how tests make a tier's I/O fail.
+    #[cfg(test)]
+    pub(crate) fn fail_writes(&mut self) -> io::Result<()> {
+        self.file = OpenOptions::new().read(true).open(&self.path)?;
+        Ok(())
+    }
+
     /// Whether this is a block device (used as is, never truncated or removed).
     pub(crate) fn is_block_device(&self) -> bool {
         self.block
