@@ -41,7 +41,7 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use canopy_cache::Backing;
 use canopy_node::{Action, ChildId, LocalId, LocalOp, LocalReply, Node, NodeStats};
-use canopy_proto::frame::{split_frame, write_frame};
+use canopy_proto::frame::{split_frame, FrameBuf};
 use canopy_proto::{decode, DecodeError, Message, Opcode, ParamType, Perm, Status};
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -1700,7 +1700,7 @@ async fn write_loop(
 ) {
     let mut out = LinkOut {
         wr,
-        buf: BytesMut::with_capacity(64 * 1024),
+        buf: FrameBuf::new(),
         keys,
         down,
         link,
@@ -1730,7 +1730,9 @@ async fn write_loop(
 /// chunk data, adds cookies and receipts, frames, and writes in batches.
 struct LinkOut {
     wr: OwnedWriteHalf,
-    buf: BytesMut,
+    /// Frames for the next write; chunk data stays in the messages' own
+    /// buffers (`FrameBuf`), not copied into one.
+    buf: FrameBuf,
     keys: Option<Arc<LinkKeys>>,
     /// The link leads to a child.
     down: bool,
@@ -1798,9 +1800,9 @@ impl LinkOut {
 
     /// Write out `buf`.
     async fn flush(&mut self) -> Result<(), LinkGone> {
-        let r = self.wr.write_all(&self.buf).await;
+        let n = self.buf.len() as u64;
+        let r = self.wr.write_all_buf(&mut self.buf).await;
         if r.is_ok() {
-            let n = self.buf.len() as u64;
             self.bytes.sent.fetch_add(n, Ordering::Relaxed);
         }
         self.buf.clear();
@@ -1816,7 +1818,7 @@ impl LinkOut {
             return;
         };
         if !self.down && k.should_ask(&self.link) {
-            write_frame(&k.get_cookies(&self.link), &mut self.buf);
+            self.buf.push(&k.get_cookies(&self.link));
         }
     }
 
@@ -1824,7 +1826,7 @@ impl LinkOut {
     /// sealed is dropped, never sent in clear.
     fn put(&mut self, mut m: Message) {
         let Some(k) = self.keys.clone() else {
-            write_frame(&m, &mut self.buf);
+            self.buf.push(&m);
             return;
         };
         if self.down {
@@ -1857,7 +1859,7 @@ impl LinkOut {
         };
         if self.down {
             k.reply_down(&self.link, &mut m, wall_ms());
-            write_frame(&m, &mut self.buf);
+            self.buf.push(&m);
         } else {
             self.queue_up(&k, UpWrite { m, rec, plain });
         }
@@ -1885,7 +1887,7 @@ impl LinkOut {
                 return;
             }
         }
-        write_frame(&w.m, &mut self.buf);
+        self.buf.push(&w.m);
     }
 
     /// Send what is parked, in order, as far as cookies go.

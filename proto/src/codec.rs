@@ -131,6 +131,30 @@ fn for_each_param(p: &Params, mut f: impl FnMut(ParamType, Value<'_>)) {
 /// length can express; such a value is a bug in the caller (the decoder
 /// refuses anything over [`crate::MAX_DATA`]).
 pub fn encode(msg: &Message, out: &mut BytesMut) {
+    encode_parts(msg, out, usize::MAX, |_, _| {});
+}
+
+/// The number of bytes [`encode`] writes for `msg`.
+pub(crate) fn encoded_len(msg: &Message) -> usize {
+    let p = &msg.params;
+    let mut len = HEADER_LEN;
+    if !p.is_empty() {
+        for_each_param(p, |_, v| len = len.saturating_add(TLV_HEADER_LEN + v.len()));
+        len = len.saturating_add(TLV_HEADER_LEN);
+    }
+    len
+}
+
+/// [`encode`], except that a DATA value of `split_at` bytes or more is not
+/// copied into `out`: `big` is called with `out` (holding everything
+/// before the value) and the value, in its place in the byte stream. What
+/// `big` does with them must keep that order (see `FrameBuf`).
+pub(crate) fn encode_parts(
+    msg: &Message,
+    out: &mut BytesMut,
+    split_at: usize,
+    mut big: impl FnMut(&mut BytesMut, &Bytes),
+) {
     let h = &msg.header;
     let p = &msg.params;
     let has_params = !p.is_empty();
@@ -139,13 +163,11 @@ pub fn encode(msg: &Message, out: &mut BytesMut) {
     } else {
         h.flags.without(Flags::PARAMS)
     };
+    let split = p.data.as_ref().filter(|d| d.len() >= split_at);
 
-    // One reservation for the whole message, so a 1 MiB DATA is copied once.
-    let mut len = HEADER_LEN;
-    if has_params {
-        for_each_param(p, |_, v| len = len.saturating_add(TLV_HEADER_LEN + v.len()));
-        len = len.saturating_add(TLV_HEADER_LEN);
-    }
+    // One reservation for the whole message, so a 1 MiB DATA is copied once
+    // (and none for a DATA value that is not copied at all).
+    let len = encoded_len(msg).saturating_sub(split.map_or(0, Bytes::len));
     out.reserve(len);
 
     out.put_u8(h.opcode as u8);
@@ -162,11 +184,12 @@ pub fn encode(msg: &Message, out: &mut BytesMut) {
         };
         out.put_u16(ty as u16);
         out.put_u32(vlen);
-        match v {
-            Value::Raw(b) => out.put_slice(b),
-            Value::U16(x) => out.put_u16(x),
-            Value::U32(x) => out.put_u32(x),
-            Value::U64(x) => out.put_u64(x),
+        match (v, split) {
+            (Value::Raw(_), Some(d)) if ty == ParamType::Data => big(out, d),
+            (Value::Raw(b), _) => out.put_slice(b),
+            (Value::U16(x), _) => out.put_u16(x),
+            (Value::U32(x), _) => out.put_u32(x),
+            (Value::U64(x), _) => out.put_u64(x),
         }
     });
     out.put_u16(ParamType::EndMsg as u16);

@@ -7,9 +7,12 @@
 //! than one maximal message, and a stream that has lost sync fails at once
 //! rather than after gigabytes.
 
+use std::collections::VecDeque;
+use std::io::IoSlice;
+
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
-use crate::codec::encode;
+use crate::codec::{encode, encode_parts, encoded_len};
 use crate::message::Message;
 use crate::{HEADER_LEN, MAX_MESSAGE};
 
@@ -58,6 +61,124 @@ pub fn write_frame(msg: &Message, out: &mut BytesMut) {
     // `start..start + 4` was written above, so this range exists.
     if let Some(prefix) = out.get_mut(start..start + PREFIX_LEN) {
         prefix.copy_from_slice(&len.to_be_bytes());
+    }
+}
+
+/// DATA values of at least this many bytes are sent from the message's own
+/// buffer by [`FrameBuf`] rather than copied: below it, a separate piece of
+/// a vectored write costs more than the copy it saves.
+pub const SPLIT_AT: usize = 4096;
+
+/// Frames waiting for one vectored write, as a [`Buf`]: headers and small
+/// parameters are copied into a buffer, and each DATA value of
+/// [`SPLIT_AT`] bytes or more stays a reference to the message's own
+/// bytes. A chunk then reaches the socket without the copy that framing it
+/// into one buffer made (3% of B4's samples); `write_all_buf` on a socket
+/// hands the pieces to the kernel in one `writev`.
+#[derive(Default)]
+pub struct FrameBuf {
+    /// Finished pieces, in stream order; all of them come before `head`.
+    parts: VecDeque<Bytes>,
+    /// The bytes after the last piece, still being appended to.
+    head: BytesMut,
+    /// Bytes in `parts`.
+    parts_len: usize,
+}
+
+impl FrameBuf {
+    /// An empty buffer.
+    pub fn new() -> Self {
+        FrameBuf::default()
+    }
+
+    /// Appends `msg` as one frame, with the same bytes [`write_frame`]
+    /// writes.
+    ///
+    /// # Panics
+    ///
+    /// As [`write_frame`]: if the message is longer than `u32::MAX` bytes.
+    pub fn push(&mut self, msg: &Message) {
+        let body = encoded_len(msg);
+        let Ok(len) = u32::try_from(body) else {
+            panic!("message of {body} bytes cannot be framed");
+        };
+        self.head.put_u32(len);
+        let FrameBuf {
+            parts,
+            head,
+            parts_len,
+        } = self;
+        encode_parts(msg, head, SPLIT_AT, |head, data| {
+            if !head.is_empty() {
+                let before = head.split().freeze();
+                *parts_len += before.len();
+                parts.push_back(before);
+            }
+            *parts_len += data.len();
+            parts.push_back(data.clone());
+        });
+    }
+
+    /// Bytes not yet written.
+    pub fn len(&self) -> usize {
+        self.parts_len + self.head.len()
+    }
+
+    /// Whether every byte has been written.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Drops everything not yet written.
+    pub fn clear(&mut self) {
+        self.parts.clear();
+        self.parts_len = 0;
+        self.head.clear();
+    }
+}
+
+impl Buf for FrameBuf {
+    fn remaining(&self) -> usize {
+        self.len()
+    }
+
+    fn chunk(&self) -> &[u8] {
+        match self.parts.front() {
+            Some(p) => p,
+            None => &self.head,
+        }
+    }
+
+    fn chunks_vectored<'a>(&'a self, dst: &mut [IoSlice<'a>]) -> usize {
+        let pieces = self
+            .parts
+            .iter()
+            .map(|p| &p[..])
+            .chain(std::iter::once(&self.head[..]))
+            .filter(|p| !p.is_empty());
+        let mut n = 0;
+        for (slot, p) in dst.iter_mut().zip(pieces) {
+            *slot = IoSlice::new(p);
+            n += 1;
+        }
+        n
+    }
+
+    fn advance(&mut self, mut cnt: usize) {
+        while cnt > 0 {
+            let Some(p) = self.parts.front_mut() else {
+                break;
+            };
+            let n = cnt.min(p.len());
+            p.advance(n);
+            self.parts_len -= n;
+            cnt -= n;
+            if p.is_empty() {
+                self.parts.pop_front();
+            }
+        }
+        // Bytes panics past its end, as `Buf::advance` may.
+        self.head.advance(cnt);
     }
 }
 

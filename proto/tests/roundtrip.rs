@@ -5,12 +5,12 @@
 
 use std::net::Ipv6Addr;
 
-use bytes::{Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use proptest::collection::vec;
 use proptest::prelude::*;
 use proptest::sample::Index;
 
-use canopy_proto::frame::{split_frame, write_frame};
+use canopy_proto::frame::{split_frame, write_frame, FrameBuf, SPLIT_AT};
 use canopy_proto::{
     decode, encode_to_vec, ConnectFlags, Flags, Header, IoOp, Message, Opcode, Params, Perm,
     Status, MAX_OPAQUE, MAX_VOLUME_NAME,
@@ -354,6 +354,53 @@ proptest! {
         }
         prop_assert!(buf.is_empty());
         prop_assert_eq!(got, msgs);
+    }
+
+    #[test]
+    fn a_frame_buf_writes_the_bytes_write_frame_writes(
+        msgs in vec(message(), 1..5),
+        big in vec(proptest::option::of(vec(any::<u8>(), SPLIT_AT..SPLIT_AT * 3)), 1..5),
+        steps in vec((1usize..4, any::<Index>()), 1..40),
+    ) {
+        // Some messages get a DATA value long enough to be sent from its
+        // own buffer rather than copied.
+        let msgs: Vec<Message> = msgs
+            .into_iter()
+            .zip(big.into_iter().chain(std::iter::repeat(None)))
+            .map(|(mut m, d)| {
+                if let Some(d) = d {
+                    m.params.data = Some(Bytes::from(d));
+                }
+                m
+            })
+            .collect();
+        let mut want = BytesMut::new();
+        let mut fb = FrameBuf::new();
+        for m in &msgs {
+            write_frame(m, &mut want);
+            fb.push(m);
+        }
+        prop_assert_eq!(fb.len(), want.len());
+        // Drain it as a vectored writer would: gather up to `slots`
+        // pieces, "write" part of them, advance by that much.
+        let mut got = Vec::new();
+        let mut steps = steps.into_iter().cycle();
+        while fb.has_remaining() {
+            // `steps` is not empty, so its cycle never ends.
+            let Some((slots, take)) = steps.next() else { break };
+            let mut io = [std::io::IoSlice::new(&[]); 3];
+            let n = fb.chunks_vectored(&mut io[..slots]);
+            prop_assert!(n >= 1);
+            let gathered: Vec<u8> = io[..n].iter().flat_map(|s| s.iter().copied()).collect();
+            prop_assert!(gathered.starts_with(fb.chunk()));
+            // At least one byte, so the loop ends.
+            let wrote = take.index(gathered.len()).max(1);
+            got.extend_from_slice(&gathered[..wrote]);
+            fb.advance(wrote);
+            prop_assert_eq!(fb.len(), want.len() - got.len());
+        }
+        prop_assert_eq!(&got[..], &want[..]);
+        prop_assert!(fb.is_empty());
     }
 
     #[test]
