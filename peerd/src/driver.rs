@@ -78,6 +78,10 @@ const HEARTBEAT_QUEUE: usize = 64;
 /// in a backlog of chunk numbers.
 const ORIGIN_READS: usize = 32;
 
+/// How soon the node task submits io_uring reads again after the kernel
+/// refused them for want of resources (EAGAIN, EBUSY).
+const SUBMIT_RETRY: Duration = Duration::from_millis(1);
+
 /// Origin writes the root runs at once, for the same reasons; the node
 /// keeps at most one per chunk in flight, so they land in order.
 const ORIGIN_WRITES: usize = 32;
@@ -675,6 +679,14 @@ impl NodeTask {
             let wake = match (wake, releasing) {
                 (Some(w), Some(r)) => Some(w.min(r)),
                 (w, r) => w.or(r),
+            };
+            // io_uring refused reads for now: come back soon to submit
+            // them (`drain` does), as no completion may come to prompt it.
+            let wake = if self.reads.uring.as_ref().is_some_and(UringReads::deferred) {
+                let retry = Instant::now() + SUBMIT_RETRY;
+                Some(wake.map_or(retry, |w| w.min(retry)))
+            } else {
+                wake
             };
             tokio::select! {
                 biased;

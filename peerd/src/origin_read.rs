@@ -216,6 +216,8 @@ pub(crate) struct UringReads {
     free: Vec<usize>,
     /// SQEs queued since the last submit.
     queued: usize,
+    /// The last submit failed and was logged; quieter until one succeeds.
+    deferring: bool,
 }
 
 impl UringReads {
@@ -252,6 +254,7 @@ impl UringReads {
             slots: Vec::new(),
             free: Vec::new(),
             queued: 0,
+            deferring: false,
         })
     }
 
@@ -330,18 +333,30 @@ impl UringReads {
             match self.ring.submit() {
                 Ok(_) => {
                     self.queued = 0;
+                    self.deferring = false;
                     return;
                 }
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
                 // Out of resources for now (EAGAIN, EBUSY): the SQEs stay
-                // queued and go with the next submit, which the next
-                // completion or request brings.
+                // queued ([`UringReads::deferred`]) and the driver submits
+                // again shortly, since no completion may be coming to
+                // prompt it (nothing else in flight).
                 Err(e) => {
-                    tracing::warn!(error = %e, queued = self.queued, "io_uring submit deferred");
+                    if !self.deferring {
+                        tracing::warn!(error = %e, queued = self.queued, "io_uring submit deferred");
+                    }
+                    self.deferring = true;
                     return;
                 }
             }
         }
+    }
+
+    /// Reads are queued that the kernel has not been given yet (the last
+    /// [`UringReads::submit`] failed, or none followed a `start`): the
+    /// driver must submit again.
+    pub(crate) fn deferred(&self) -> bool {
+        self.queued > 0
     }
 
     /// Wait until completions may be there to reap.
@@ -563,6 +578,7 @@ mod tests {
                 }
             }
             u.submit();
+            assert!(!u.deferred(), "submitted");
             if u.in_flight() == 0 {
                 continue;
             }
@@ -581,7 +597,9 @@ mod tests {
         for c in 0..8 {
             assert!(u.start(c));
         }
+        assert!(u.deferred(), "queued, not yet given to the kernel");
         u.submit();
+        assert!(!u.deferred());
         drop(u);
     }
 
