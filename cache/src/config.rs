@@ -83,9 +83,9 @@ pub struct CacheConfig {
     /// dedicates the memory to the cache. Building then takes about as
     /// long as zeroing the tiers (a fraction of a second per GiB on bare
     /// metal, more in a VM), reads never wait on the kernel zeroing a
-    /// page, and a tier the host cannot hold fails to build with an error
-    /// instead of waking the OOM killer later. Off when absent from a
-    /// saved configuration.
+    /// page, and a host short of the memory shows at the build (an error,
+    /// or the OOM killer then) rather than under load later. Off when
+    /// absent from a saved configuration.
     #[serde(default)]
     pub prefault: bool,
 }

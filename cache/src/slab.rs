@@ -29,8 +29,8 @@
 //! [`CacheConfig::prefault`](crate::CacheConfig::prefault), and the tier
 //! is populated when it is built (`MADV_POPULATE_WRITE`, split over a few
 //! threads): the zeroing happens once, before any read waits for it, and
-//! a tier too big for the host fails there, with an error, rather than
-//! waking the OOM killer later.
+//! a host short of the memory shows then (an error, or the OOM killer at
+//! start) rather than under load later.
 
 use std::io;
 use std::ptr::NonNull;
@@ -316,7 +316,7 @@ fn page_size() -> usize {
 mod tests {
     use super::*;
 
-    /// The field `name` (`VmFlags:`, `Rss:`) of the mapping holding
+    /// The field `name` (such as `VmFlags:`) of the mapping holding
     /// `addr`, from /proc/self/smaps.
     fn smaps_field(addr: usize, name: &str) -> Option<String> {
         let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;

@@ -27,6 +27,9 @@ use bytes::{Bytes, BytesMut};
 use canopy_cache::layout::stack_layout;
 use canopy_cache::{CacheError, CacheStack, Detached, StackStats};
 
+/// A disk tier as configured: its file and its size in bytes.
+type DiskTier = (PathBuf, u64);
+
 /// Victims looked at beyond the excess in one cleaner pass.
 const VICTIM_SCAN: usize = 64;
 
@@ -68,7 +71,7 @@ impl Store {
         &mut self,
         chunk_size: u32,
         mem_bytes: u64,
-        disks: &[(PathBuf, u64)],
+        disks: &[DiskTier],
         overhead: usize,
         prefault: bool,
     ) -> Result<(), CacheError> {
@@ -273,9 +276,10 @@ impl Store {
 impl crate::Node {
     /// Build the child's stack once the parent announced the chunk size:
     /// `capacity_chunks` of memory tier and the configured disk tiers. If
-    /// the disk tiers cannot be made (a daemon checks its paths at start,
-    /// so this is a disk failing meanwhile), memory alone is better than
-    /// refusing the volume; that is logged as an error.
+    /// that fails, less is better than refusing the volume, each step
+    /// logged as an error: the memory committed as chunks arrive (the host
+    /// could not commit it all now), then the memory tier alone (a disk
+    /// failing since the daemon checked its paths at start).
     pub(crate) fn build_store(&mut self) {
         let cs = self.chunk_size;
         if self.is_root() || cs == 0 {
@@ -285,15 +289,36 @@ impl crate::Node {
         let disks = self.cfg.cache_disk.clone();
         let overhead = self.cfg.relay.unwrap_or(0);
         let prefault = self.cfg.cache_prefault;
-        if let Err(e) = self.store.build(cs, mem, &disks, overhead, prefault) {
-            tracing::error!(error = %e, "cannot build the cache stack as configured");
-            if disks.is_empty() {
-                return;
+        let none: &[DiskTier] = &[];
+        let tries: [(&[DiskTier], bool, &str); 3] = [
+            (
+                &disks,
+                prefault,
+                "cannot build the cache stack as configured",
+            ),
+            (
+                &disks,
+                false,
+                "cannot build it without committing the memory either",
+            ),
+            (none, false, "cannot build a memory-only cache stack either"),
+        ];
+        for (i, (d, p, failed)) in tries.into_iter().enumerate() {
+            // Skip what would only repeat the try before it.
+            if (i == 1 && !prefault) || (i == 2 && disks.is_empty()) {
+                continue;
             }
-            if let Err(e) = self.store.build(cs, mem, &[], overhead, prefault) {
-                tracing::error!(error = %e, "cannot build a memory-only cache stack either");
-            } else {
-                tracing::error!("serving with the memory tier only");
+            match self.store.build(cs, mem, d, overhead, p) {
+                Ok(()) if i == 0 => return,
+                Ok(()) => {
+                    tracing::error!(
+                        memory_committed_now = p,
+                        disk_tiers = d.len(),
+                        "serving with less cache than configured"
+                    );
+                    return;
+                }
+                Err(e) => tracing::error!(error = %e, "{failed}"),
             }
         }
     }

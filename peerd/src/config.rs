@@ -292,8 +292,8 @@ pub struct PeerConfig {
     /// Commit the memory tier's RAM when the node first connects, instead
     /// of page by page as chunks arrive (proxy, leaf, relay); default
     /// false. For a host that dedicates the memory: reads never wait for
-    /// the kernel to zero a page, and a tier the host cannot hold is an
-    /// error at start rather than the OOM killer later.
+    /// the kernel to zero a page, and a host short of the memory shows at
+    /// start rather than under load later.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache_prefault: Option<bool>,
     /// How this node's writes are acknowledged (proxy, leaf); default sync.

@@ -148,8 +148,8 @@ struct Tiers {
     cache_disk: Vec<DiskTier>,
     /// Commit the memory tier's RAM when the node first connects rather
     /// than as chunks arrive: for a host that dedicates the memory. Reads
-    /// then never wait for the kernel to zero a page, and a tier the host
-    /// cannot hold fails at start.
+    /// then never wait for the kernel to zero a page, and a host short of
+    /// the memory shows at start rather than under load.
     #[arg(long)]
     cache_prefault: bool,
     /// Bytes to read ahead of a local reader whose reads follow one

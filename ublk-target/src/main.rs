@@ -146,8 +146,8 @@ struct AddArgs {
     cache_disk: Vec<(PathBuf, ByteSize)>,
     /// Commit the memory tier's RAM at start rather than as chunks arrive:
     /// for a host that dedicates the memory. Reads then never wait for the
-    /// kernel to zero a page, and a tier the host cannot hold fails at
-    /// start instead of waking the OOM killer later.
+    /// kernel to zero a page, and a host short of the memory shows at
+    /// start rather than under load later.
     #[arg(long)]
     cache_prefault: bool,
     /// When writes are acknowledged.
