@@ -276,10 +276,12 @@ impl Store {
 impl crate::Node {
     /// Build the child's stack once the parent announced the chunk size:
     /// `capacity_chunks` of memory tier and the configured disk tiers. If
-    /// that fails, less is better than refusing the volume, each step
-    /// logged as an error: the memory committed as chunks arrive (the host
-    /// could not commit it all now), then the memory tier alone (a disk
-    /// failing since the daemon checked its paths at start).
+    /// that fails, less is better than refusing the volume: the same
+    /// tiers with the memory committed as chunks arrive (the host could
+    /// not commit it all now), then the memory tier alone (a disk failing
+    /// since the daemon checked its paths at start), committed if that
+    /// works. Each failure, and the fallback that serves, is logged as an
+    /// error.
     pub(crate) fn build_store(&mut self) {
         let cs = self.chunk_size;
         if self.is_root() || cs == 0 {
@@ -290,26 +292,21 @@ impl crate::Node {
         let overhead = self.cfg.relay.unwrap_or(0);
         let prefault = self.cfg.cache_prefault;
         let none: &[DiskTier] = &[];
-        let tries: [(&[DiskTier], bool, &str); 3] = [
-            (
-                &disks,
-                prefault,
-                "cannot build the cache stack as configured",
-            ),
-            (
-                &disks,
-                false,
-                "cannot build it without committing the memory either",
-            ),
-            (none, false, "cannot build a memory-only cache stack either"),
+        let tries: [(&[DiskTier], bool); 4] = [
+            (&disks, prefault),
+            (&disks, false),
+            (none, prefault),
+            (none, false),
         ];
-        for (i, (d, p, failed)) in tries.into_iter().enumerate() {
-            // Skip what would only repeat the try before it.
-            if (i == 1 && !prefault) || (i == 2 && disks.is_empty()) {
+        let mut tried: Vec<(usize, bool)> = Vec::new();
+        for (d, p) in tries {
+            // A try the same as one before it would fail the same way.
+            if tried.contains(&(d.len(), p)) {
                 continue;
             }
+            tried.push((d.len(), p));
             match self.store.build(cs, mem, d, overhead, p) {
-                Ok(()) if i == 0 => return,
+                Ok(()) if tried.len() == 1 => return,
                 Ok(()) => {
                     tracing::error!(
                         memory_committed_now = p,
@@ -318,7 +315,12 @@ impl crate::Node {
                     );
                     return;
                 }
-                Err(e) => tracing::error!(error = %e, "{failed}"),
+                Err(e) => tracing::error!(
+                    error = %e,
+                    memory_committed_now = p,
+                    disk_tiers = d.len(),
+                    "cannot build the cache stack"
+                ),
             }
         }
     }
