@@ -257,6 +257,10 @@ fn populate(slab: &Slab) -> io::Result<()> {
     };
     let per = slab.len.div_ceil(unit).div_ceil(threads) * unit;
     let base = slab.base.as_ptr() as usize;
+    if per >= slab.len {
+        // One piece (a small tier, or one core): no thread to start.
+        return populate_range(base, slab.len);
+    }
     let results: Vec<io::Result<()>> = std::thread::scope(|s| {
         let workers: Vec<_> = (0..slab.len)
             .step_by(per)
